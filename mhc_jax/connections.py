@@ -1,0 +1,327 @@
+"""Residual, Hyper-Connection (HC) and Manifold-Constrained HC (mHC) connections.
+
+The pure functions compute the math of SPEC §2-§4 on arrays; the Linen modules
+own the parameters and wrap one sub-layer ``F``:
+
+    x_next = connection(x, branch)      # x: (..., n, C), branch: (..., C) -> (..., C)
+
+Every module has this one interface, so a transformer block takes any of them.
+Coefficient math (``h_pre``, ``h_post``, ``h_res``) is fp32 whatever the
+stream dtype; the apply functions return the stream dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mhc_jax.sinkhorn import sinkhorn_knopp
+
+F32 = jnp.float32
+MHC_INITS = ("residual", "uniform")
+IMPLS = ("xla", "pallas", "pallas_interpret")
+ROUND_ROBIN_EPS = 0.01  # SPEC §4: the off-stream read weight of the residual init.
+RES_DIAGONAL = 0.9  # SPEC §4: h_res diagonal at the residual init.
+
+
+def _check_streams(name: str, x: jax.Array) -> tuple[int, int]:
+    if x.ndim < 2:
+        raise ValueError(f"{name}: x must have shape (..., n, C), got {x.shape}")
+    return x.shape[-2], x.shape[-1]
+
+
+def _check_shape(fn: str, arg: str, value: jax.Array, expected: tuple) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{fn}: {arg} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def mhc_mappings(
+    x: jax.Array,
+    phi: jax.Array,
+    bias: jax.Array,
+    alpha: jax.Array,
+    *,
+    num_iters: int = 20,
+    norm_eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """mHC coefficients of SPEC §4.
+
+    Args:
+      x: (..., n, C) streams, any float dtype (bf16 in the paper).
+      phi: (n*C, n*n + 2n) projection, columns [pre | post | res row-major].
+      bias: (n*n + 2n,) biases in the same column order.
+      alpha: (3,) scales of the pre, post and res logits.
+      num_iters: Sinkhorn iterations.
+      norm_eps: added to the mean square before the square root.
+
+    Returns:
+      h_pre (..., n) in (0, 1), h_post (..., n) in (0, 2), h_res (..., n, n)
+      doubly stochastic; all fp32.
+    """
+    n, c = _check_streams("mhc_mappings", x)
+    width = n * n + 2 * n
+    _check_shape("mhc_mappings", "phi", phi, (n * c, width))
+    _check_shape("mhc_mappings", "bias", bias, (width,))
+    _check_shape("mhc_mappings", "alpha", alpha, (3,))
+    v = x.reshape(*x.shape[:-2], n * c).astype(F32)
+    # Project first, divide by the RMS after: the paper's kernel order, equal to
+    # normalising first (SPEC §4). One pass over v gives both reductions.
+    proj = jnp.dot(v, phi.astype(F32), preferred_element_type=F32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(v), axis=-1, keepdims=True) + norm_eps)
+    raw = proj / rms
+    alpha = alpha.astype(F32)
+    scale = jnp.concatenate(
+        [jnp.full((n,), alpha[0]), jnp.full((n,), alpha[1]), jnp.full((n * n,), alpha[2])]
+    )
+    t = raw * scale + bias.astype(F32)
+    h_pre = jax.nn.sigmoid(t[..., :n])
+    h_post = 2.0 * jax.nn.sigmoid(t[..., n : 2 * n])
+    h_res = sinkhorn_knopp(t[..., 2 * n :].reshape(*t.shape[:-1], n, n), num_iters)
+    return h_pre, h_post, h_res
+
+
+class HCDynamicParams(NamedTuple):
+    """Dynamic part of HC (SPEC §3); shapes for n streams of width C."""
+
+    norm_scale: jax.Array  # (C,) scale of the per-stream RMSNorm
+    w_pre: jax.Array  # (C,)
+    w_post: jax.Array  # (C,)
+    w_res: jax.Array  # (C, n)
+    s_alpha: jax.Array  # () scale of the pre and res terms
+    s_beta: jax.Array  # () scale of the post term
+
+
+def hc_mappings(
+    x: jax.Array,
+    b_pre: jax.Array,
+    b_post: jax.Array,
+    b_res: jax.Array,
+    dynamic: HCDynamicParams | None = None,
+    *,
+    norm_eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """HC coefficients of SPEC §3, static (``dynamic=None``) or dynamic.
+
+    Args:
+      x: (..., n, C) streams.
+      b_pre, b_post: (n,) static parts; b_res: (n, n) static A_r (row i: stream i).
+      dynamic: the dynamic weights, or None for static HC.
+      norm_eps: epsilon of the per-stream RMSNorm.
+
+    Returns:
+      h_pre (..., n), h_post (..., n), h_res (..., n, n) fp32, with h_res already
+      transposed (``h_res = A_r^T``) so that ``x_next[i] = sum_j h_res[i, j] x[j]``.
+    """
+    n, c = _check_streams("hc_mappings", x)
+    _check_shape("hc_mappings", "b_pre", b_pre, (n,))
+    _check_shape("hc_mappings", "b_post", b_post, (n,))
+    _check_shape("hc_mappings", "b_res", b_res, (n, n))
+    batch = x.shape[:-2]
+    h_pre = jnp.broadcast_to(b_pre.astype(F32), (*batch, n))
+    h_post = jnp.broadcast_to(b_post.astype(F32), (*batch, n))
+    a_res = jnp.broadcast_to(b_res.astype(F32), (*batch, n, n))
+    if dynamic is not None:
+        for name, shape in zip(HCDynamicParams._fields, [(c,), (c,), (c,), (c, n), (), ()]):
+            _check_shape("hc_mappings", f"dynamic.{name}", getattr(dynamic, name), shape)
+        xf = x.astype(F32)
+        xn = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + norm_eps)
+        xn = xn * dynamic.norm_scale.astype(F32)
+        s_a, s_b = dynamic.s_alpha.astype(F32), dynamic.s_beta.astype(F32)
+        h_pre = h_pre + s_a * jnp.tanh(xn @ dynamic.w_pre.astype(F32))
+        h_post = h_post + s_b * jnp.tanh(xn @ dynamic.w_post.astype(F32))
+        a_res = a_res + s_a * jnp.tanh(xn @ dynamic.w_res.astype(F32))
+    return h_pre, h_post, jnp.swapaxes(a_res, -1, -2)
+
+
+def apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:
+    """``layer_input = sum_i h_pre[i] x[i]``: (..., n), (..., n, C) -> (..., C) in x.dtype."""
+    n, _ = _check_streams("apply_pre", x)
+    _check_shape("apply_pre", "h_pre", h_pre, (*x.shape[:-2], n))
+    # Broadcast-multiply then reduce: XLA fuses it into one pass over x (an
+    # einsum here lowers to a batched matmul that is about 2x slower on GPU).
+    out = jnp.sum(h_pre[..., :, None].astype(F32) * x.astype(F32), axis=-2)
+    return out.astype(x.dtype)
+
+
+def apply_post_res(h_res: jax.Array, h_post: jax.Array, x: jax.Array, f: jax.Array) -> jax.Array:
+    """``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``.
+
+    Args:
+      h_res: (..., n, n); h_post: (..., n); x: (..., n, C); f: (..., C).
+
+    Returns:
+      (..., n, C) in x.dtype.
+    """
+    n, c = _check_streams("apply_post_res", x)
+    batch = x.shape[:-2]
+    _check_shape("apply_post_res", "h_res", h_res, (*batch, n, n))
+    _check_shape("apply_post_res", "h_post", h_post, (*batch, n))
+    _check_shape("apply_post_res", "f", f, (*batch, c))
+    mixed = jnp.sum(h_res[..., :, :, None].astype(F32) * x[..., None, :, :].astype(F32), axis=-2)
+    out = mixed + h_post[..., :, None].astype(F32) * f[..., None, :].astype(F32)
+    return out.astype(x.dtype)
+
+
+def residual_init_bias(n: int, layer_index: int) -> jax.Array:
+    """mHC bias of ``init="residual"`` (SPEC §4) for layer ``layer_index``: (n*n + 2n,) fp32.
+
+    h_pre reads stream ``layer_index mod n`` with weight 1-(n-1)eps and the others
+    with eps; h_post = 1; h_res has RES_DIAGONAL on its diagonal. At n = 1 the
+    target weight 1 has no finite logit, so the one stream gets 1 - eps instead.
+    """
+    eps = ROUND_ROBIN_EPS
+    p_on = 1.0 - (n - 1) * eps if n > 1 else 1.0 - eps
+    on, off = math.log(p_on / (1 - p_on)), math.log(eps / (1 - eps))
+    pre = jnp.full((n,), off, F32).at[layer_index % n].set(on)
+    # A constant off-diagonal makes exp(t) doubly stochastic up to scale, so the
+    # diagonal is exactly e^d / (e^d + n - 1) = RES_DIAGONAL after Sinkhorn.
+    d = math.log(RES_DIAGONAL * (n - 1) / (1 - RES_DIAGONAL)) if n > 1 else 0.0
+    res = d * jnp.eye(n, dtype=F32)
+    return jnp.concatenate([pre, jnp.zeros((n,), F32), res.reshape(-1)])
+
+
+# ----------------------------------------------------------------------------- modules
+
+Branch = Callable[[jax.Array], jax.Array]
+
+
+def _sow_coefficients(module: nn.Module, h_pre, h_post, h_res) -> None:
+    """Records token-averaged coefficients for diagnostics (SPEC §6); no-op unless
+    the 'diagnostics' collection is mutable."""
+    axes = tuple(range(h_pre.ndim - 1))
+    row_err = jnp.max(jnp.abs(jnp.sum(h_res, axis=-1) - 1.0))
+    col_err = jnp.max(jnp.abs(jnp.sum(h_res, axis=-2) - 1.0))
+    stats = {
+        "h_pre": jnp.mean(h_pre, axis=axes),
+        "h_post": jnp.mean(h_post, axis=axes),
+        "h_res": jnp.mean(h_res, axis=axes),
+        "res_row_err": row_err,
+        "res_col_err": col_err,
+    }
+    module.sow("diagnostics", "coefficients", stats)
+
+
+class Residual(nn.Module):
+    """Plain residual ``x + F(x)`` on a single stream (x: (..., 1, C))."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        if x.shape[-2] != 1:
+            raise ValueError(f"Residual: expects n = 1 stream, got x.shape={x.shape}")
+        return x + branch(x[..., 0, :])[..., None, :].astype(x.dtype)
+
+
+class HyperConnection(nn.Module):
+    """HC (Zhu et al.) around one sub-layer; static or dynamic (SPEC §3).
+
+    Attributes:
+      layer_index: sub-layer index k; the static pre reads stream k mod n.
+      dynamic: adds the input-dependent tanh terms.
+      scale_init: init of s_alpha and s_beta.
+      norm_eps: epsilon of the per-stream RMSNorm.
+    """
+
+    layer_index: int
+    dynamic: bool = True
+    scale_init: float = 0.01
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        n, c = _check_streams("HyperConnection", x)
+        k = self.layer_index
+        b_pre = self.param("b_pre", lambda _: jax.nn.one_hot(k % n, n, dtype=F32))
+        b_post = self.param("b_post", lambda _: jnp.ones((n,), F32))
+        b_res = self.param("b_res", lambda _: jnp.eye(n, dtype=F32))
+        dyn = None
+        if self.dynamic:
+            zeros = nn.initializers.zeros_init()
+            scale = nn.initializers.constant(self.scale_init)
+            dyn = HCDynamicParams(
+                norm_scale=self.param("norm_scale", nn.initializers.ones_init(), (c,), F32),
+                w_pre=self.param("w_pre", zeros, (c,), F32),
+                w_post=self.param("w_post", zeros, (c,), F32),
+                w_res=self.param("w_res", zeros, (c, n), F32),
+                s_alpha=self.param("s_alpha", scale, (), F32),
+                s_beta=self.param("s_beta", scale, (), F32),
+            )
+        h_pre, h_post, h_res = hc_mappings(x, b_pre, b_post, b_res, dyn, norm_eps=self.norm_eps)
+        _sow_coefficients(self, h_pre, h_post, h_res)
+        f = branch(apply_pre(h_pre, x))
+        return apply_post_res(h_res, h_post, x, f)
+
+
+class ManifoldHyperConnection(nn.Module):
+    """mHC (Xie et al.) around one sub-layer (SPEC §4).
+
+    Attributes:
+      layer_index: sub-layer index k (used by the residual init).
+      num_iters: Sinkhorn iterations.
+      norm_eps: epsilon of the RMS over the n*C flattened streams.
+      init: "residual" (starts as a pre-norm residual network) or "uniform"
+        (all biases 0).
+      alpha_init: init of the three logit scales.
+      impl: "xla" (pure jnp), "pallas" or "pallas_interpret" (fused kernels).
+    """
+
+    layer_index: int
+    num_iters: int = 20
+    norm_eps: float = 1e-6
+    init: str = "residual"
+    alpha_init: float = 0.01
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        n, c = _check_streams("ManifoldHyperConnection", x)
+        if self.init not in MHC_INITS:
+            raise ValueError(
+                f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
+            )
+        width = n * n + 2 * n
+        phi = self.param("phi", nn.initializers.zeros_init(), (n * c, width), F32)
+        if self.init == "residual":
+            bias = self.param("bias", lambda _: residual_init_bias(n, self.layer_index))
+        else:
+            bias = self.param("bias", nn.initializers.zeros_init(), (width,), F32)
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (3,), F32)
+        ops = _mhc_ops(self.impl)
+        h_pre, h_post, h_res = ops.mhc_mappings(
+            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps
+        )
+        _sow_coefficients(self, h_pre, h_post, h_res)
+        f = branch(ops.apply_pre(h_pre, x))
+        return ops.apply_post_res(h_res, h_post, x, f)
+
+
+class _Ops(NamedTuple):
+    mhc_mappings: Callable
+    apply_pre: Callable
+    apply_post_res: Callable
+
+
+def _mhc_ops(impl: str) -> _Ops:
+    """The mHC functions of one implementation (the Pallas ones import lazily)."""
+    if impl not in IMPLS:
+        raise ValueError(f"ManifoldHyperConnection.impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return _Ops(mhc_mappings, apply_pre, apply_post_res)
+    from pallas_kernels.mhc import api
+
+    def maps(x, phi, bias, alpha, **kw):
+        return api.mhc_mappings(x, phi, bias, alpha, impl=impl, **kw)
+
+    return _Ops(
+        maps,
+        lambda h_pre, x: api.apply_pre(h_pre, x, impl=impl),
+        lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, impl=impl),
+    )

@@ -1,0 +1,105 @@
+"""Transformer sub-layers: RMSNorm, RoPE causal self-attention, SwiGLU MLP.
+
+Activations run in ``dtype`` (e.g. bf16) with parameters stored in
+``param_dtype`` (fp32 master weights); norms and softmax statistics are fp32.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale: (..., C) -> (..., C) in ``dtype``."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = F32
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(F32)
+        y = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(F32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) on (B, T, H, D), D even."""
+    t, d = x.shape[-3], x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=F32) / d))
+    angles = jnp.arange(t, dtype=F32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE: (B, T, C) -> (B, T, C).
+
+    Uses ``jax.nn.dot_product_attention`` so GPUs can take cuDNN flash attention
+    and other backends the XLA path.
+    """
+
+    num_heads: int
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: jnp.dtype = F32
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        head_dim = c // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim),
+            use_bias=False,
+            kernel_init=nn.initializers.normal(self.init_std),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="qkv",
+        )(x)
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        q, k = rope(q, self.rope_base), rope(k, self.rope_base)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return nn.DenseGeneral(
+            c,
+            axis=(-2, -1),
+            use_bias=False,
+            kernel_init=nn.initializers.normal(self.out_init_std),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(out)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP: (B, T, C) -> (B, T, C) with hidden width ``d_ff``."""
+
+    d_ff: int
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: jnp.dtype = F32
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def dense(features, std, name):
+            return nn.Dense(
+                features,
+                use_bias=False,
+                kernel_init=nn.initializers.normal(std),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        gate = dense(self.d_ff, self.init_std, "gate")(x)
+        up = dense(self.d_ff, self.init_std, "up")(x)
+        return dense(x.shape[-1], self.out_init_std, "down")(jax.nn.silu(gate) * up)

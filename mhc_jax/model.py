@@ -1,0 +1,245 @@
+"""Decoder-only transformer LM whose sub-layers are wrapped by residual, HC or mHC.
+
+Data path (SPEC §1-§2):
+
+    tokens (B, T) -> embedding (B, T, C) -> copy into n streams (B, T, n, C)
+    -> N blocks; each block = [attention, MLP] sub-layers, each wrapped by its own
+       connection (mapping -> pre -> F = norm + attention/MLP -> post-res)
+    -> reduce streams (B, T, C) -> final RMSNorm -> LM head -> logits (B, T, V) fp32
+
+``connection="residual"`` needs n = 1. With ``connection="hc"`` or ``"mhc"`` and
+n = 1 the model keeps the connection's learned coefficients on one stream: HC's
+static part is then exactly the residual and its dynamic part adds tanh gates;
+mHC's h_res is exactly 1 and h_pre, h_post become learned sigmoid gates (its
+residual init reads the stream with weight 1 - 0.01, SPEC §4 having no finite
+logit for 1). This matches the HC paper's "n = 1" ablation row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mhc_jax.connections import (
+    IMPLS,
+    MHC_INITS,
+    HyperConnection,
+    ManifoldHyperConnection,
+    Residual,
+)
+from mhc_jax.layers import CausalSelfAttention, RMSNorm, SwiGLU
+
+CONNECTIONS = ("residual", "hc", "mhc")
+STREAM_REDUCTIONS = ("sum", "mean", "learned")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and connection of the LM. Validated on construction.
+
+    Attributes:
+      vocab_size: tokens in the vocabulary (the byte tokenizer has 259).
+      num_blocks: N transformer blocks; L = 2N connection layers.
+      d_model: hidden size C.
+      num_heads: attention heads; must divide d_model, head size even (RoPE).
+      d_ff: SwiGLU hidden width.
+      connection: "residual" | "hc" | "mhc".
+      n: expansion rate (number of streams); 1 for "residual".
+      hc_dynamic: HC's input-dependent part on (SPEC §3).
+      hc_scale_init: init of HC's s_alpha, s_beta.
+      sinkhorn_iters: Sinkhorn-Knopp iterations of mHC.
+      mhc_norm_eps: epsilon of mHC's RMS over n*C.
+      mhc_init: "residual" | "uniform" (SPEC §4).
+      mhc_alpha_init: init of mHC's alpha.
+      stream_reduce: "sum" | "mean" | "learned" (sigmoid-weighted sum).
+      scale_output_init: divide the init std of the attention-out and MLP-down
+        projections by sqrt(n) (HC's "by a factor of sqrt(n)": we shrink, since
+        every stream receives the branch output and the streams are summed).
+      tie_embeddings: LM head shares the embedding matrix.
+      dtype: activation dtype ("bfloat16" for mixed precision).
+      param_dtype: parameter (master weight) dtype.
+      impl: mHC implementation: "xla" | "pallas" | "pallas_interpret".
+      rope_base: RoPE frequency base.
+      norm_eps: RMSNorm epsilon.
+      init_std: std of the embedding and dense kernels.
+    """
+
+    vocab_size: int = 259
+    num_blocks: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    d_ff: int = 384
+    connection: str = "mhc"
+    n: int = 4
+    hc_dynamic: bool = True
+    hc_scale_init: float = 0.01
+    sinkhorn_iters: int = 20
+    mhc_norm_eps: float = 1e-6
+    mhc_init: str = "residual"
+    mhc_alpha_init: float = 0.01
+    stream_reduce: str = "sum"
+    scale_output_init: bool = False
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    impl: str = "xla"
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def fail(field, allowed):
+            value = getattr(self, field)
+            raise ValueError(f"ModelConfig.{field}={value!r} is invalid: must be {allowed}")
+
+        for field in ("vocab_size", "num_blocks", "d_model", "num_heads", "d_ff", "n"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, "an integer >= 1")
+        if self.sinkhorn_iters < 1 or not isinstance(self.sinkhorn_iters, int):
+            fail("sinkhorn_iters", "an integer >= 1")
+        choices = {
+            "connection": CONNECTIONS,
+            "mhc_init": MHC_INITS,
+            "stream_reduce": STREAM_REDUCTIONS,
+            "dtype": DTYPES,
+            "param_dtype": DTYPES,
+            "impl": IMPLS,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                fail(field, f"one of {allowed}")
+        if self.d_model % self.num_heads:
+            fail("num_heads", f"a divisor of d_model={self.d_model}")
+        if (self.d_model // self.num_heads) % 2:
+            fail("num_heads", f"such that d_model/num_heads is even (RoPE); d_model={self.d_model}")
+        if self.connection == "residual" and self.n != 1:
+            fail("n", "1 when connection='residual' (use 'hc' or 'mhc' for n > 1)")
+        for field in ("mhc_norm_eps", "norm_eps", "init_std", "rope_base"):
+            if not getattr(self, field) > 0:
+                fail(field, "> 0")
+
+    @property
+    def num_layers(self) -> int:
+        """L: connection layers (two sub-layers per block)."""
+        return 2 * self.num_blocks
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+def make_connection(config: ModelConfig, layer_index: int, name: str) -> nn.Module:
+    """The connection module wrapping sub-layer ``layer_index``."""
+    if config.connection == "residual":
+        return Residual(name=name)
+    if config.connection == "hc":
+        return HyperConnection(
+            layer_index=layer_index,
+            dynamic=config.hc_dynamic,
+            scale_init=config.hc_scale_init,
+            norm_eps=config.norm_eps,
+            name=name,
+        )
+    return ManifoldHyperConnection(
+        layer_index=layer_index,
+        num_iters=config.sinkhorn_iters,
+        norm_eps=config.mhc_norm_eps,
+        init=config.mhc_init,
+        alpha_init=config.mhc_alpha_init,
+        impl=config.impl,
+        name=name,
+    )
+
+
+class Block(nn.Module):
+    """Attention and MLP sub-layers, each wrapped by its connection: (B, T, n, C) -> same."""
+
+    config: ModelConfig
+    index: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=cfg.activation_dtype, param_dtype=cfg.weight_dtype)
+        out_std = cfg.init_std / (math.sqrt(cfg.n) if cfg.scale_output_init else 1.0)
+        mlp_kw = dict(init_std=cfg.init_std, out_init_std=out_std, **kw)
+        attn_norm = RMSNorm(cfg.norm_eps, name="attn_norm", **kw)
+        attn = CausalSelfAttention(cfg.num_heads, cfg.rope_base, name="attn", **mlp_kw)
+        mlp_norm = RMSNorm(cfg.norm_eps, name="mlp_norm", **kw)
+        mlp = SwiGLU(cfg.d_ff, name="mlp", **mlp_kw)
+        x = make_connection(cfg, 2 * self.index, "attn_conn")(x, lambda h: attn(attn_norm(h)))
+        return make_connection(cfg, 2 * self.index + 1, "mlp_conn")(x, lambda h: mlp(mlp_norm(h)))
+
+
+class LM(nn.Module):
+    """The language model: tokens (B, T) int32 -> logits (B, T, vocab_size) fp32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.config
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nn.initializers.normal(cfg.init_std),
+            dtype=cfg.activation_dtype,
+            param_dtype=cfg.weight_dtype,
+            name="embed",
+        )
+        h = embed(tokens)
+        x = jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], cfg.n, cfg.d_model))
+        for i in range(cfg.num_blocks):
+            x = Block(cfg, i, name=f"block_{i}")(x)
+        h = self.reduce_streams(x)
+        h = RMSNorm(cfg.norm_eps, cfg.activation_dtype, cfg.weight_dtype, name="final_norm")(h)
+        if cfg.tie_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=nn.initializers.normal(cfg.init_std),
+                dtype=cfg.activation_dtype,
+                param_dtype=cfg.weight_dtype,
+                name="lm_head",
+            )(h)
+        return logits.astype(jnp.float32)
+
+    def reduce_streams(self, x: jax.Array) -> jax.Array:
+        """(B, T, n, C) -> (B, T, C) by the configured stream reduction."""
+        mode = self.config.stream_reduce
+        if mode == "sum":
+            return jnp.sum(x, axis=-2, dtype=x.dtype)
+        if mode == "mean":
+            return jnp.mean(x, axis=-2, dtype=x.dtype)
+        logits = self.param("stream_weights", nn.initializers.zeros_init(), (x.shape[-2],))
+        w = jax.nn.sigmoid(logits).astype(jnp.float32)
+        return jnp.sum(x.astype(jnp.float32) * w[:, None], axis=-2).astype(x.dtype)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+    """Initial parameters of ``LM(config)`` (a pytree of ``param_dtype`` arrays)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return LM(config).init(rng, tokens)["params"]
+
+
+def count_params(params) -> dict[str, int]:
+    """Parameter counts: ``total`` and ``connections`` (connection modules + stream weights)."""
+    total, conn = 0, 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        total += leaf.size
+        if any(k.endswith("_conn") or k == "stream_weights" for k in keys):
+            conn += leaf.size
+    return {"total": total, "connections": conn}
