@@ -1,0 +1,389 @@
+"""Byte-level LM data pipeline: tokenizer, bundled corpus, ArrayRecord shards, grain loaders.
+
+A prepared directory (`prepare_corpus`) holds meta.json and ArrayRecord shards
+train-XXXXX-of-YYYYY.array_record, validation-... (one record = one document's UTF-8 bytes).
+
+Loaders view a split as one token stream: its documents in stored order, each as UTF-8
+bytes then `EOS_ID`. Window i (seq_len L) is stream[i * L : i * L + L + 1]: first L tokens
+= inputs, last L = targets, so each token after the first is a target once per epoch.
+Windows cross document boundaries (the EOS between documents is an ordinary target;
+attention is not masked there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+BOS_ID = 256
+EOS_ID = 257
+PAD_ID = 258
+VOCAB_SIZE = 259
+
+SPLITS = ("train", "validation")
+META_FILE = "meta.json"
+MAX_DOC_CHARS = 8192
+BUNDLED_CORPUS = "shakespeare.txt.xz"
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer: ids 0..255 are bytes, then `BOS_ID`, `EOS_ID`, `PAD_ID`."""
+
+    vocab_size = VOCAB_SIZE
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+    pad_id = PAD_ID
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
+        """Returns int32 (len(text.encode()) + add_bos + add_eos,): [BOS] UTF-8 bytes [EOS]."""
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        parts = [[BOS_ID]] * add_bos + [ids] + [[EOS_ID]] * add_eos
+        return np.concatenate(parts).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        """Decodes ids of any shape (flattened), dropping ids >= 256; bad UTF-8 -> U+FFFD."""
+        ids = np.asarray(ids).reshape(-1)
+        data = ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
+        return data.decode("utf-8", errors="replace")
+
+
+def load_bundled_corpus() -> str:
+    """Returns the bundled ~1 MB Shakespeare text (see `corpus/ATTRIBUTION.md`)."""
+    packed = resources.files("mhc_jax").joinpath("corpus", BUNDLED_CORPUS).read_bytes()
+    return lzma.decompress(packed).decode("utf-8")
+
+
+def split_documents(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """Cuts `text` into consecutive chunks of at most `max_chars` characters.
+
+    Each chunk ends at the last paragraph break (blank line) inside the limit, else at the
+    last newline, else exactly at the limit. ``"".join(chunks) == text``.
+    """
+    if max_chars < 2:
+        raise ValueError(f"max_chars must be >= 2, got {max_chars}")
+    chunks, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            if cut > start:
+                end = cut + 2
+            elif (cut := text.rfind("\n", start, end)) > start:
+                end = cut + 1
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+def _read_text(path: Path) -> str:
+    """Reads a UTF-8 text file; a ``.xz`` file is decompressed first."""
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        try:
+            data = lzma.decompress(data)
+        except lzma.LZMAError as e:
+            raise ValueError(f"{path}: bad .xz data ({e})") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from e
+
+
+def _collect_files(sources: list[str]) -> list[Path]:
+    """Expands files and directories (recursively: *.txt, *.txt.xz) into a file list."""
+    if not sources:
+        raise ValueError("sources is empty; pass None for the bundled corpus")
+    files = []
+    for src in sources:
+        path = Path(src)
+        if not path.exists():
+            raise ValueError(f"source {src!r} does not exist")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.xz"))
+            )
+            if not found:
+                raise ValueError(f"source directory {src!r} contains no *.txt or *.txt.xz files")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def _write_split(out_dir: Path, split: str, docs: list[str], records_per_shard: int) -> dict:
+    """Writes `docs` as ArrayRecord shards; returns the split's entry of meta.json."""
+    num_shards = -(-len(docs) // records_per_shard)
+    shards = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    num_bytes = 0
+    for i, name in enumerate(shards):
+        writer = ArrayRecordWriter(str(out_dir / name), "group_size:1")
+        for doc in docs[i * records_per_shard : (i + 1) * records_per_shard]:
+            record = doc.encode("utf-8")
+            num_bytes += len(record)
+            writer.write(record)
+        writer.close()
+    n = len(docs)
+    return {"num_docs": n, "num_bytes": num_bytes, "num_tokens": num_bytes + n, "shards": shards}
+
+
+def prepare_corpus(
+    sources: list[str] | None,
+    out_dir: str,
+    *,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    records_per_shard: int = 1024,
+    max_doc_chars: int = MAX_DOC_CHARS,
+) -> dict:
+    """Cuts text into documents and writes train/validation ArrayRecord shards + meta.json.
+
+    Each file is cut by `split_documents` (documents never span files). A random (by
+    `seed`) round(val_fraction * num_docs) documents, at least 1 if val_fraction > 0 and
+    leaving at least 1 for train, form validation; each split keeps corpus order.
+
+    Args:
+        sources: text files and/or directories (searched recursively for *.txt, *.txt.xz;
+            files ending in .xz are decompressed), or None for the bundled corpus.
+        out_dir: output directory; must be missing or empty.
+        val_fraction: share of documents for validation, in [0, 1).
+        seed: seed of the train/validation assignment.
+        records_per_shard: documents per ArrayRecord shard.
+        max_doc_chars: maximum document length in characters.
+
+    Returns:
+        The meta.json dict; meta["splits"][split] has "num_docs", "num_bytes",
+        "num_tokens" (bytes + one EOS per document) and "shards" (file names).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if records_per_shard < 1:
+        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
+    if sources is None:
+        names, texts = [f"bundled:{BUNDLED_CORPUS}"], [load_bundled_corpus()]
+    else:
+        files = _collect_files(list(sources))
+        names, texts = [str(f) for f in files], [_read_text(f) for f in files]
+    docs = [doc for text in texts for doc in split_documents(text, max_doc_chars)]
+    if not docs:
+        raise ValueError(f"empty corpus: the source files {names} contain no text")
+
+    num_val = min(len(docs) - 1, max(int(val_fraction > 0), round(val_fraction * len(docs))))
+    is_val = np.zeros(len(docs), dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(len(docs))[:num_val]] = True
+    split_docs = {
+        "train": [d for d, v in zip(docs, is_val) if not v],
+        "validation": [d for d, v in zip(docs, is_val) if v],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": 1,
+        "tokenizer": dict(type="byte", vocab_size=VOCAB_SIZE, bos=BOS_ID, eos=EOS_ID, pad=PAD_ID),
+        "sources": names,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "max_doc_chars": max_doc_chars,
+        "splits": {s: _write_split(out, s, split_docs[s], records_per_shard) for s in SPLITS},
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def read_meta(data_dir: str) -> dict:
+    """Returns the meta.json dict of a prepared data directory (see `prepare_corpus`)."""
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise ValueError(f"{data_dir!r} has no {META_FILE}: not prepared (see prepare_corpus)")
+    return json.loads(path.read_text())
+
+
+def ensure_prepared(path: str, cache_dir: str) -> str:
+    """Returns a prepared data directory for `path`, preparing it at most once.
+
+    `path`: "" = bundled corpus (cached as `cache_dir`/bundled-shakespeare); a prepared
+    directory (has meta.json) is returned as is; a text file/directory is prepared into
+    `cache_dir`/text-<hash of its absolute path> (keyed by path only: delete the entry after
+    editing the text). Writes a temporary directory, then renames it into place.
+    """
+    if path and (Path(path) / META_FILE).is_file():
+        return path
+    if path:
+        absolute = os.path.abspath(path)
+        key = "text-" + hashlib.sha256(absolute.encode()).hexdigest()[:16]
+        sources = [absolute]
+    else:
+        key, sources = "bundled-shakespeare", None
+    target = os.path.join(cache_dir, key)
+    if not os.path.isfile(os.path.join(target, META_FILE)):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
+        try:
+            prepare_corpus(sources, tmp)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, META_FILE)):
+                raise  # Not a lost race against another preparer.
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _doc_tokens(record: bytes) -> np.ndarray:
+    """Returns int32 (len(record) + 1,): a stored document's bytes, then EOS_ID."""
+    return np.append(np.frombuffer(record, dtype=np.uint8).astype(np.int32), np.int32(EOS_ID))
+
+
+def _make_example(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Pads a window of n <= seq_len + 1 tokens; weights are 1 on the n - 1 real targets."""
+    window = np.full(seq_len + 1, PAD_ID, dtype=np.int32)
+    window[: len(tokens)] = tokens
+    return {
+        "inputs": window[:-1],
+        "targets": window[1:],
+        "weights": (np.arange(seq_len) < len(tokens) - 1).astype(np.float32),
+    }
+
+
+class _SplitWindows:
+    """Random-access windows of a split's token stream (picklable for grain workers).
+
+    Item i: `_make_example` of stream[i * L : i * L + L + 1], i.e. "inputs", "targets"
+    int32 (L,), "weights" float32 (L,). `partial` adds a final short, padded window.
+    """
+
+    def __init__(self, data_dir: str, split: str, seq_len: int, *, partial: bool):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        info = read_meta(data_dir)["splits"][split]
+        if info["num_docs"] == 0:
+            raise ValueError(f"split {split!r} of {data_dir!r} has no documents")
+        self._source = grain.sources.ArrayRecordDataSource(
+            [os.path.join(data_dir, shard) for shard in info["shards"]]
+        )
+        lengths = [len(self._source[i]) + 1 for i in range(len(self._source))]
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])  # int64 (num_docs + 1,)
+        self.num_tokens = int(self._starts[-1])
+        if seq_len + 1 > self.num_tokens:
+            raise ValueError(
+                f"seq_len + 1 = {seq_len + 1} exceeds the {self.num_tokens} tokens of split "
+                f"{split!r} in {data_dir!r}; use a smaller seq_len or more text"
+            )
+        self._seq_len = seq_len
+        num_targets = self.num_tokens - 1
+        self._len = -(-num_targets // seq_len) if partial else num_targets // seq_len
+
+    def __len__(self) -> int:
+        return self._len
+
+    def stream_slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens stream[start:stop] as int32 (stop - start,); 0 <= start < stop <= total."""
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        last = int(np.searchsorted(self._starts, stop - 1, side="right")) - 1
+        records = [self._source[d] for d in range(first, last + 1)]
+        tokens = np.concatenate([_doc_tokens(record) for record in records])
+        offset = start - int(self._starts[first])
+        return tokens[offset : offset + stop - start]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        start = index * self._seq_len
+        stop = min(start + self._seq_len + 1, self.num_tokens)
+        return _make_example(self.stream_slice(start, stop), self._seq_len)
+
+
+def _check_hosts(batch_size: int, process_index: int, process_count: int) -> int:
+    """Validates the host layout; returns the per-host batch size."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index=}, {process_count=}"
+        )
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} must be a positive multiple of {process_count=}")
+    return batch_size // process_count
+
+
+def make_train_iterator(
+    data_dir: str,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+) -> grain.DatasetIterator:
+    """Returns an infinite, shuffled, resumable grain iterator over packed train windows.
+
+    The full windows of the train stream (module docstring; a tail of < seq_len targets is
+    unused) get a fresh permutation every epoch, forever; this global order depends only on
+    `seed` (>= 0). Process p of P takes items p, p + P, p + 2P, ...: hosts see disjoint
+    examples and together consume the global order. Batches are dicts with "inputs",
+    "targets" int32 (B, seq_len) (targets = inputs shifted by one) and "weights" float32
+    (B, seq_len) (all 1: no padding in training), B = global_batch_size // process_count.
+
+    Resume: ``it.get_state()`` is a JSON-serialisable dict (``{"next_index": k}`` with
+    worker_count=0); a fresh iterator with the same arguments, after ``set_state(state)``,
+    continues at the exact next batch. `worker_count` > 0 uses grain worker processes
+    (absl flags must be parsed, e.g. inside `absl.app.run`).
+    """
+    local_batch = _check_hosts(global_batch_size, process_index, process_count)
+    if seed < 0 or worker_count < 0:
+        raise ValueError(f"seed and worker_count must be >= 0, got {seed=}, {worker_count=}")
+    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    ds = grain.MapDataset.source(_SplitWindows(data_dir, "train", seq_len, partial=False))
+    ds = ds.shuffle(seed=shuffle_seed).repeat()[process_index::process_count]
+    # drop_remainder=True: grain sizes a non-dropping batch of an infinite dataset with a
+    # float ceil, which overflows.
+    iter_ds = ds.batch(local_batch, drop_remainder=True).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+    )
+    if worker_count:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(iter_ds)
+
+
+def eval_batches(
+    data_dir: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """Returns this process's share of the validation windows, in order, as batches.
+
+    All consecutive validation windows (module docstring), the last one short and padded.
+    `batch_size` is global: global batch b holds windows [b * batch_size, (b + 1) *
+    batch_size) and process p gets its rows [p * B, (p + 1) * B), B = batch_size //
+    process_count. The last batch is padded with weight-0 rows, never dropped, so every
+    process gets the same number of batches (at most `max_batches`) and, with all batches,
+    summing weights * loss counts each validation target once. Batches are dicts of
+    "inputs", "targets" int32 (B, seq_len) and "weights" float32 (B, seq_len).
+    """
+    local_batch = _check_hosts(batch_size, process_index, process_count)
+    windows = _SplitWindows(data_dir, "validation", seq_len, partial=True)
+    num_batches = -(-len(windows) // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    padding = _make_example(np.zeros(0, dtype=np.int32), seq_len)
+    batches = []
+    for b in range(num_batches):
+        first = b * batch_size + process_index * local_batch
+        rows = [
+            windows[i] if i < len(windows) else padding for i in range(first, first + local_batch)
+        ]
+        batches.append({k: np.stack([row[k] for row in rows]) for k in padding})
+    return batches
