@@ -27,9 +27,13 @@ def transplant(shared, target):
     return flax.traverse_util.unflatten_dict(flat_t)
 
 
+def logits_of(cfg, params, toks):
+    return jax.jit(lambda p, t: LM(cfg).apply({"params": p}, t))(params, toks)
+
+
 def final_streams(cfg, params, toks):
-    _, state = LM(cfg).apply(
-        {"params": params}, toks, capture_intermediates=True, mutable=["intermediates"]
+    _, state = jax.jit(LM(cfg).apply, static_argnames=("capture_intermediates", "mutable"))(
+        {"params": params}, toks, capture_intermediates=True, mutable=("intermediates",)
     )
     return state["intermediates"][f"block_{cfg.num_blocks - 1}"]["__call__"][0]
 
@@ -50,8 +54,8 @@ def residual_and(connection, **kw):
 def test_mhc_residual_init_matches_residual_model(n):
     res_cfg, res_params, cfg, params = residual_and("mhc", n=n)
     toks = tokens()
-    want = LM(res_cfg).apply({"params": res_params}, toks)
-    got = LM(cfg).apply({"params": params}, toks)
+    want = logits_of(res_cfg, res_params, toks)
+    got = logits_of(cfg, params, toks)
     # Streams stay identical; sum(h_pre) and the rows of h_res equal 1 up to
     # float32 rounding of the sigmoids and Sinkhorn: measured max |diff| ~ 1e-6.
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
@@ -68,8 +72,8 @@ def test_hc_init_is_exactly_the_residual_model(dynamic):
     ref = final_streams(res_cfg, res_params, toks)
     # one-hot pre, identity res, unit post, zero dynamic weights: bit-exact streams
     np.testing.assert_array_equal(streams, jnp.broadcast_to(ref, streams.shape))
-    want = LM(res_cfg).apply({"params": res_params}, toks)
-    got = LM(cfg).apply({"params": params}, toks)
+    want = logits_of(res_cfg, res_params, toks)
+    got = logits_of(cfg, params, toks)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)  # mean of 4 equal streams: rounding
 
 
