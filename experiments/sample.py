@@ -1,0 +1,50 @@
+r"""Generates text from a training run's newest checkpoint.
+
+    python experiments/sample.py --workdir=runs/tiny --prompt="ROMEO:" --num_tokens=300 \
+        --temperature=0.8 --top_k=40
+    python experiments/sample.py --workdir=runs/tiny --temperature=0     # greedy
+
+The model is rebuilt from the run's config.json; the checkpoint holds the weights.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from mhc_jax.data import ByteTokenizer
+from mhc_jax.loop import load_run
+from mhc_jax.sampling import generate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.")
+_PROMPT = flags.DEFINE_string("prompt", "ROMEO:", "Text to continue.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 300, "Bytes to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample from the k most likely bytes (0 = all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    model_cfg, params, step = load_run(_WORKDIR.value, _STEP.value)
+    tok = ByteTokenizer()
+    prompt = jnp.asarray(tok.encode(_PROMPT.value, add_bos=True)[None, :])
+    out = generate(
+        params,
+        model_cfg,
+        prompt,
+        _NUM_TOKENS.value,
+        rng=jax.random.key(_SEED.value),
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+    )
+    print(f"[step {step}]")
+    print(tok.decode(np.asarray(out[0])))
+
+
+if __name__ == "__main__":
+    app.run(main)

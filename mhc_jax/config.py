@@ -1,0 +1,154 @@
+"""The run configuration: one locked ``ml_collections.ConfigDict`` with every field.
+
+Experiment config files start from ``default_config()`` and change what they
+need; command-line overrides (``--config.model.n=8``) then set any field, and a
+misspelt key is an error because the dict is locked. ``model_config`` and
+``optimizer_config`` convert to the validated frozen dataclasses at the boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import ml_collections
+
+from mhc_jax.model import ModelConfig
+from mhc_jax.optim import OptimizerConfig
+
+
+def _from_dataclass(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of a run, with defaults; locked so unknown keys fail."""
+    cfg = ml_collections.ConfigDict()
+    cfg.model = _from_dataclass(ModelConfig)
+    cfg.optimizer = _from_dataclass(OptimizerConfig)
+    cfg.data = ml_collections.ConfigDict(
+        dict(
+            path="",  # "" = bundled corpus; else a prepared dir or text files/dirs
+            cache_dir="",  # "" = <workdir>/data
+            seq_len=128,
+            batch_size=16,  # global, across processes and devices
+            seed=0,
+            worker_count=0,
+            eval_batch_size=16,
+            eval_max_batches=16,  # 0 = the whole validation split
+        )
+    )
+    cfg.training = ml_collections.ConfigDict(
+        dict(
+            num_steps=300,
+            seed=0,
+            eval_every=100,
+            checkpoint_every=100,
+            keep_last=3,
+            keep_best=1,
+            async_checkpointing=True,
+            max_nonfinite_streak=10,
+            sample_tokens=200,
+            sample_prompt="ROMEO:",
+            sample_temperature=0.8,
+            sample_top_k=40,
+        )
+    )
+    cfg.logging = ml_collections.ConfigDict(
+        dict(
+            log_every=10,
+            diagnostics_every=50,
+            tensorboard=True,
+            progress=True,
+        )
+    )
+    cfg.lock()
+    return cfg
+
+
+def apply_model_overrides(cfg: ml_collections.ConfigDict, arg: str | None) -> None:
+    """Applies a config-file argument ``"key=value,key=value"`` to ``cfg.model``.
+
+    Values are parsed as int, float or bool where possible, else kept as strings;
+    an unknown key raises a KeyError naming it and the known model fields.
+    """
+    if not arg:
+        return
+    for item in arg.split(","):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in cfg.model:
+            raise KeyError(
+                f"config argument {item!r}: expected key=value with a model field; "
+                f"known fields: {sorted(cfg.model.keys())}"
+            )
+        current = cfg.model[key]
+        if isinstance(current, bool):
+            value = raw.strip().lower() in ("1", "true", "yes")
+        else:
+            value = type(current)(raw.strip())
+        cfg.model[key] = value
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """Rebuilds a run's config from the config.json it wrote (JSON lists become tuples)."""
+
+    def flatten(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", tuple(value) if isinstance(value, list) else value
+
+    cfg = default_config()
+    cfg.update_from_flattened_dict(dict(flatten(json.loads(text))))
+    return cfg
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """The validated ModelConfig of ``cfg.model``."""
+    return ModelConfig(**cfg.model.to_dict())
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    """The validated OptimizerConfig of ``cfg.optimizer``."""
+    fields = cfg.optimizer.to_dict()
+    for key in ("step_boundaries", "step_factors"):
+        fields[key] = tuple(fields[key])
+    return OptimizerConfig(**fields)
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    """Checks the fields that no dataclass owns; raises ValueError naming field and value."""
+
+    def check(ok, field, allowed):
+        if not ok:
+            section, name = field.split(".")
+            raise ValueError(f"{field}={cfg[section][name]!r} is invalid: must be {allowed}")
+
+    t, d, lg = cfg.training, cfg.data, cfg.logging
+    check(t.num_steps >= 1, "training.num_steps", ">= 1")
+    for field in ("eval_every", "checkpoint_every"):
+        check(t[field] >= 1, f"training.{field}", ">= 1")
+    check(t.keep_last >= 1, "training.keep_last", ">= 1")
+    check(t.max_nonfinite_streak >= 1, "training.max_nonfinite_streak", ">= 1")
+    check(d.seq_len >= 1, "data.seq_len", ">= 1")
+    accum = cfg.optimizer.grad_accum_steps
+    unit = num_devices * accum
+    check(
+        d.batch_size >= 1 and d.batch_size % unit == 0,
+        "data.batch_size",
+        f"a positive multiple of devices ({num_devices}) x optimizer.grad_accum_steps ({accum})",
+    )
+    check(
+        d.eval_batch_size % num_devices == 0 and d.eval_batch_size >= 1,
+        "data.eval_batch_size",
+        f"a positive multiple of the device count ({num_devices})",
+    )
+    check(
+        d.batch_size % process_count == 0,
+        "data.batch_size",
+        f"divisible by {process_count} processes",
+    )
+    for field in ("log_every", "diagnostics_every"):
+        check(lg[field] >= 1, f"logging.{field}", ">= 1")

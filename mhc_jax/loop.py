@@ -1,0 +1,281 @@
+"""The training loop: data -> jitted steps -> evaluation, checkpoints, logs, a sample.
+
+``train_and_evaluate(config, workdir)`` resumes from the newest good checkpoint
+in ``workdir/checkpoints`` (params, optimiser state, RNG, step and the data
+iterator's position), so re-running the same command continues a run. SIGTERM
+or SIGINT finishes the current step, saves and returns normally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging as absl_logging
+
+from mhc_jax import config as config_lib
+from mhc_jax import data as data_lib
+from mhc_jax.checkpointing import Checkpointer
+from mhc_jax.diagnostics import heatmap_image
+from mhc_jax.logging import MetricsLogger
+from mhc_jax.optim import learning_rate_schedule, make_optimizer
+from mhc_jax.sampling import generate
+from mhc_jax.train import (
+    Placement,
+    eval_metrics,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite updates."""
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _evaluate(eval_step, params, batches, placement) -> dict[str, float]:
+    loss_sum = weight_sum = 0.0
+    for batch in batches:
+        loss, weight = eval_step(params, placement.put_batch(batch))
+        loss_sum += float(loss)
+        weight_sum += float(weight)
+    return eval_metrics(loss_sum, weight_sum)
+
+
+def _sample(params, model_cfg, t_cfg) -> str:
+    tok = data_lib.ByteTokenizer()
+    prompt = tok.encode(t_cfg.sample_prompt, add_bos=True)[None, :]
+    out = generate(
+        params,
+        model_cfg,
+        jnp.asarray(prompt),
+        t_cfg.sample_tokens,
+        rng=jax.random.key(t_cfg.seed + 1),
+        temperature=t_cfg.sample_temperature,
+        top_k=t_cfg.sample_top_k,
+    )
+    return tok.decode(np.asarray(out[0]))
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(ModelConfig, params, step) of a training run's checkpoint (newest by default)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is --workdir a training run directory?")
+    with open(path) as f:
+        cfg = config_lib.config_from_json(f.read())
+    model_cfg = config_lib.model_config(cfg)
+    tx = make_optimizer(config_lib.optimizer_config(cfg), cfg.training.num_steps)
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, tx, cfg.training.seed))
+    restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract, step=step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    return model_cfg, restored.state.params, restored.step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+    Returns:
+      The final metrics: train ``loss``, ``val_loss``, ``val_bits_per_byte``,
+      ``steps``, ``wall_s``, ``nonfinite_total`` and, if stopped by a signal, ``preempted``.
+    """
+    start_time = time.time()
+    model_cfg = config_lib.model_config(config)
+    opt_cfg = config_lib.optimizer_config(config)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    if model_cfg.vocab_size < data_lib.VOCAB_SIZE:
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size} is invalid: must be >= the tokenizer's "
+            f"{data_lib.VOCAB_SIZE}"
+        )
+    t_cfg, d_cfg, l_cfg = config.training, config.data, config.logging
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    data_dir = data_lib.ensure_prepared(
+        d_cfg.path, d_cfg.cache_dir or os.path.join(workdir, "data")
+    )
+    train_iter = data_lib.make_train_iterator(
+        data_dir,
+        seq_len=d_cfg.seq_len,
+        global_batch_size=d_cfg.batch_size,
+        seed=d_cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        worker_count=d_cfg.worker_count,
+    )
+    eval_batches = data_lib.eval_batches(
+        data_dir,
+        seq_len=d_cfg.seq_len,
+        batch_size=d_cfg.eval_batch_size,
+        max_batches=d_cfg.eval_max_batches or None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    placement = Placement.over_all_devices()
+    tx = make_optimizer(opt_cfg, t_cfg.num_steps)
+    schedule = learning_rate_schedule(opt_cfg, t_cfg.num_steps)
+    state = jax.jit(
+        lambda: init_train_state(model_cfg, tx, t_cfg.seed), out_shardings=placement.replicated
+    )()
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep_last=t_cfg.keep_last,
+        keep_best=t_cfg.keep_best,
+        best_metric="val_loss",
+        async_save=t_cfg.async_checkpointing,
+    )
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state = restored.state
+        if restored.data_state is not None:
+            train_iter.set_state(restored.data_state)
+        absl_logging.warning("Resumed from step %d of %s", restored.step, workdir)
+    start_step = int(state.step)
+
+    step_fn = jax.jit(
+        make_train_step(model_cfg, tx, opt_cfg.grad_accum_steps),
+        in_shardings=(placement.replicated, placement.batch),
+        out_shardings=(placement.replicated, placement.replicated),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(make_eval_step(model_cfg))
+    logger = MetricsLogger(
+        workdir,
+        enabled=is_main,
+        total_steps=t_cfg.num_steps,
+        tensorboard=l_cfg.tensorboard,
+        progress=l_cfg.progress,
+        initial_step=start_step,
+    )
+    tokens_per_step = d_cfg.batch_size * d_cfg.seq_len
+    config_dict = json.loads(config.to_json_best_effort())
+    result: dict[str, float] = {}
+    pending = None  # (step, metrics) of the last dispatched step, read one step late
+    last_log = (start_step, time.time())
+    last_train_loss = float("nan")
+
+    def process(step: int, metrics) -> None:
+        """Host-side handling of a finished step's metrics."""
+        nonlocal last_log, last_train_loss
+        m = jax.device_get(metrics)
+        last_train_loss = float(m["loss"])
+        if int(m["nonfinite_streak"]) >= t_cfg.max_nonfinite_streak:
+            raise NonFiniteError(
+                f"{int(m['nonfinite_streak'])} consecutive non-finite updates at step {step} "
+                f"(training.max_nonfinite_streak={t_cfg.max_nonfinite_streak}); the last good "
+                f"checkpoint is in {ckpt_dir}"
+            )
+        if m["skipped"]:
+            logger.write(f"step {step}: non-finite loss/gradients, update skipped")
+        if step % l_cfg.log_every == 0 or step == t_cfg.num_steps:
+            now = time.time()
+            steps_done, elapsed = step - last_log[0], now - last_log[1]
+            tok_s = steps_done * tokens_per_step / max(elapsed, 1e-9)
+            scalars = {
+                "loss": m["loss"],
+                "grad_norm": m["grad_norm"],
+                "learning_rate": schedule(step - 1),
+                "tokens_per_s": tok_s,
+                "step_time_s": elapsed / max(steps_done, 1),
+                "nonfinite_total": m["nonfinite_total"],
+            }
+            logger.scalars(step, "train", scalars)
+            logger.progress(step, loss=float(m["loss"]), tok_s=tok_s)
+            last_log = (step, now)
+        if "h_res" in m and (step % l_cfg.diagnostics_every == 0 or step == t_cfg.num_steps):
+            stats = {k: v for k, v in m.items() if "/" in k}
+            logger.scalars(step, "diagnostics", stats)
+            logger.image(step, "diagnostics/h_res", heatmap_image(m["h_res"]))
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    preempted = False
+    with _StopRequest() as stop:
+        for step in range(start_step + 1, t_cfg.num_steps + 1):
+            batch = placement.put_batch(next(train_iter))
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                process(*pending)
+            pending = (step, metrics)
+            last = step == t_cfg.num_steps
+            val = None
+            if step % t_cfg.eval_every == 0 or last:
+                val = _evaluate(eval_step, state.params, eval_batches, placement)
+                logger.scalars(step, "validation", val)
+                result.update(val_loss=val["loss"], val_bits_per_byte=val["bits_per_byte"])
+            if step % t_cfg.checkpoint_every == 0 or last or stop.requested:
+                ckpt.save(
+                    step,
+                    state,
+                    data_state=train_iter.get_state(),
+                    config=config_dict,
+                    metrics=None if val is None else {"val_loss": val["loss"]},
+                    force=True,
+                )
+            if stop.requested:
+                preempted = True
+                logger.write(f"Stop requested: saved step {step}, exiting.")
+                break
+        if pending is not None:
+            process(*pending)
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+    final_step = int(state.step)
+    result.update(
+        loss=last_train_loss,
+        steps=final_step,
+        wall_s=time.time() - start_time,
+        nonfinite_total=int(state.nonfinite_total),
+    )
+    if preempted:
+        result["preempted"] = 1
+    elif t_cfg.sample_tokens > 0:
+        sample = _sample(state.params, model_cfg, t_cfg)
+        logger.text(final_step, "sample", sample)
+        result["sample"] = sample
+        if is_main:
+            with open(os.path.join(workdir, "sample.txt"), "w") as f:
+                f.write(sample)
+    logger.close()
+    if is_main:
+        summary = ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in result.items()
+            if k != "sample"
+        )
+        print(f"Done: {summary}", flush=True)
+        if "sample" in result:
+            print(f"Sample:\n{result['sample']}", flush=True)
+    return result

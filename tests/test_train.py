@@ -1,0 +1,341 @@
+"""Training: configs and CLI, the loop's learning signal, resume, guards, logs, sampling."""
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mhc_jax import config as config_lib
+from mhc_jax import costs, loop
+from mhc_jax import data as data_lib
+from mhc_jax.model import ModelConfig
+from mhc_jax.optim import OptimizerConfig, decay_mask, make_optimizer
+from mhc_jax.train import init_train_state, make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
+
+
+def load_config(path, arg=None):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def micro_config(**training):
+    """A model and run small enough for a few seconds on 2 CPU cores."""
+    cfg = load_config(os.path.join(ROOT, "experiments", "configs", "tiny.py"))
+    m = cfg.model
+    m.num_blocks, m.d_model, m.num_heads, m.d_ff = 2, 32, 2, 64
+    cfg.data.seq_len, cfg.data.batch_size = 32, 8
+    cfg.data.eval_batch_size, cfg.data.eval_max_batches = 8, 4
+    cfg.optimizer.warmup_steps = 5
+    cfg.training.update(num_steps=12, eval_every=6, checkpoint_every=6, sample_tokens=16)
+    cfg.training.update(training)
+    cfg.logging.update(log_every=1, diagnostics_every=6, progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return data_lib.ensure_prepared("", str(tmp_path_factory.mktemp("data")))
+
+
+def run_cli(*args, check=True, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        **kw,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_every_config_builds_and_dry_runs(path):
+    cfg = load_config(path)
+    report = costs.dry_run_report(cfg)
+    assert "parameters: total" in report and "FLOPs/token" in report and "GiB" in report
+    config_lib.model_config(cfg)
+    config_lib.optimizer_config(cfg)
+
+
+def test_paper_27b_parameter_count_is_billions():
+    from mhc_jax.costs import abstract_param_counts
+
+    cfg = load_config(os.path.join(ROOT, "experiments", "configs", "paper_27b.py"))
+    counts = abstract_param_counts(config_lib.model_config(cfg))
+    assert 2.5e9 < counts["total"] < 4e9
+    # mHC adds phi (nC x (n^2 + 2n)) + bias + alpha per layer, 60 layers at n = 4, C = 2560
+    assert counts["connections"] == 60 * (4 * 2560 * 24 + 24 + 3)
+
+
+def test_cli_overrides_and_misspelt_key():
+    proc = run_cli(
+        "--config=experiments/configs/tiny.py:connection=hc,n=8",
+        "--config.model.d_model=64",
+        "--config.optimizer.learning_rate=0.01",
+        "--dry_run",
+        cwd=ROOT,
+    )
+    assert "connection: hc" in proc.stdout and "n: 8" in proc.stdout
+    assert "d_model: 64" in proc.stdout and "learning_rate: 0.01" in proc.stdout
+    bad = run_cli(
+        "--config=experiments/configs/tiny.py",
+        "--config.model.nn=8",
+        "--dry_run",
+        cwd=ROOT,
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown config field 'model.nn'" in bad.stderr
+    assert "sinkhorn_iters" in bad.stderr  # lists the valid fields
+    bad_value = run_cli(
+        "--config=experiments/configs/tiny.py",
+        "--config.model.connection=resnet",
+        "--dry_run",
+        cwd=ROOT,
+        check=False,
+    )
+    assert "ModelConfig.connection='resnet' is invalid" in bad_value.stderr
+
+
+def test_config_file_argument_errors():
+    with pytest.raises(KeyError, match="known fields"):
+        load_config(os.path.join(ROOT, "experiments", "configs", "tiny.py"), "expansion=4")
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("training.num_steps", 0, "training.num_steps=0 is invalid: must be >= 1"),
+        ("data.batch_size", 12, r"data.batch_size=12 is invalid: must be a positive multiple"),
+        ("logging.log_every", 0, "logging.log_every=0 is invalid"),
+    ],
+)
+def test_validate_names_the_field(field, value, match):
+    cfg = micro_config()
+    section, name = field.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(cfg, num_devices=8, process_count=1)
+
+
+def test_optimizer_config_errors_and_decay_mask():
+    with pytest.raises(ValueError, match="optimizer.schedule='linear' is invalid"):
+        OptimizerConfig(schedule="linear")
+    with pytest.raises(ValueError, match="optimizer.grad_accum_steps=0 is invalid"):
+        OptimizerConfig(grad_accum_steps=0)
+    cfg = ModelConfig(
+        vocab_size=32, num_blocks=1, d_model=16, num_heads=2, d_ff=32, connection="hc", n=2
+    )
+    state = init_train_state(cfg, make_optimizer(OptimizerConfig(), 10), 0)
+    mask = decay_mask(state.params)
+    conn = mask["block_0"]["attn_conn"]
+    assert conn["w_res"] and not conn["b_res"] and not conn["b_pre"] and not conn["s_alpha"]
+    assert mask["block_0"]["mlp"]["up"]["kernel"] and not mask["block_0"]["attn_norm"]["scale"]
+    assert mask["embed"]["embedding"]
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("connection, n", [("residual", 1), ("hc", 4), ("mhc", 4)])
+def test_loop_lowers_validation_loss(tmp_path, data_dir, connection, n):
+    cfg = micro_config(num_steps=50, eval_every=50, checkpoint_every=50)
+    cfg.model.connection, cfg.model.n = connection, n
+    cfg.data.path = data_dir
+    result = loop.train_and_evaluate(cfg, str(tmp_path))
+    uniform = math.log(cfg.model.vocab_size)  # loss of the untrained model is ~ln(V)
+    assert result["val_loss"] < uniform - 1.5, result
+    assert result["steps"] == 50 and result["nonfinite_total"] == 0
+
+
+def read_jsonl(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+    """Last logged train loss per step (a resumed run re-logs nothing it already did)."""
+    return {r["step"]: r["loss"] for r in read_jsonl(workdir) if r["split"] == "train"}
+
+
+def final_params(workdir):
+    _, params, step = loop.load_run(workdir)
+    return step, params
+
+
+def write_config(cfg, path):
+    with open(path, "w") as f:
+        f.write(
+            "from mhc_jax.config import config_from_json\n\n"
+            f"def get_config():\n    return config_from_json({cfg.to_json()!r})\n"
+        )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, data_dir, sig):
+    cfg = micro_config(num_steps=40, eval_every=20, checkpoint_every=5, sample_tokens=0)
+    cfg.data.path = data_dir
+    config_file = tmp_path / "cfg.py"
+    write_config(cfg, config_file)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_cli(f"--config={config_file}", f"--workdir={straight}")
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py")]
+    proc = subprocess.Popen(
+        [*cmd, f"--config={config_file}", f"--workdir={resumed}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    metrics = os.path.join(resumed, "metrics.jsonl")
+    while time.time() < deadline:  # wait until training is past its first checkpoint
+        if os.path.exists(metrics) and any(r["step"] >= 12 for r in read_jsonl(resumed)):
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, err[-3000:]
+    last = max(train_losses(resumed))
+    assert last < 40, "the run finished before it was stopped; make it longer"
+    run_cli(f"--config={config_file}", f"--workdir={resumed}")
+
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    (step_a, pa), (step_b, pb) = final_params(straight), final_params(resumed)
+    assert step_a == step_b == 40
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_batches_are_skipped_then_stop(tmp_path, data_dir, monkeypatch):
+    real = data_lib.make_train_iterator
+
+    class Poisoned:
+        def __init__(self, it):
+            self.it, self.count = it, 0
+
+        def __next__(self):
+            batch = next(self.it)
+            self.count += 1
+            if self.count in (3,) or self.count >= 8:  # one bad batch, then a run of them
+                batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+            return batch
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, s):
+            self.it.set_state(s)
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **k: Poisoned(real(*a, **k)))
+    cfg = micro_config(num_steps=30, max_nonfinite_streak=4)
+    cfg.data.path = data_dir
+    with pytest.raises(loop.NonFiniteError, match="4 consecutive non-finite updates at step 11"):
+        loop.train_and_evaluate(cfg, str(tmp_path))
+    records = [r for r in read_jsonl(str(tmp_path)) if r["split"] == "train"]
+    by_step = {r["step"]: r for r in records}
+    assert by_step[2]["nonfinite_total"] == 0 and by_step[3]["nonfinite_total"] == 1
+    assert by_step[7]["nonfinite_total"] == 1 and math.isfinite(by_step[7]["loss"])
+
+
+def test_train_step_skips_nonfinite_update():
+    cfg = ModelConfig(
+        vocab_size=32, num_blocks=1, d_model=16, num_heads=2, d_ff=32, connection="mhc", n=2
+    )
+    tx = make_optimizer(OptimizerConfig(warmup_steps=0), 10)
+    state = init_train_state(cfg, tx, 0)
+    step = jax.jit(make_train_step(cfg, tx, accum_steps=2))
+    batch = {
+        "inputs": jnp.ones((4, 8), jnp.int32),
+        "targets": jnp.ones((4, 8), jnp.int32),
+        "weights": jnp.ones((4, 8), jnp.float32),
+    }
+    good, m = step(state, batch)
+    assert int(m["skipped"]) == 0 and int(good.step) == 1
+    bad, m = step(good, dict(batch, weights=batch["weights"].at[0, 0].set(jnp.nan)))
+    assert int(m["skipped"]) == 1 and int(bad.nonfinite_streak) == 1 and int(bad.step) == 2
+    for x, y in zip(
+        jax.tree.leaves((good.params, good.opt_state)), jax.tree.leaves((bad.params, bad.opt_state))
+    ):
+        np.testing.assert_array_equal(x, y)
+    again, _ = step(bad, batch)
+    assert int(again.nonfinite_streak) == 0 and int(again.nonfinite_total) == 1
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir):
+    cfg = micro_config(num_steps=12, checkpoint_every=6, sample_tokens=0)
+    cfg.data.path = data_dir
+    workdir = str(tmp_path)
+    loop.train_and_evaluate(cfg, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "12", "state")
+    damaged = 0
+    for root, _, files in os.walk(state_dir):  # a torn write: every array file truncated
+        for name in files:
+            if "metadata" not in name.lower():
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(3)
+                damaged += 1
+    assert damaged > 0
+    cfg.training.num_steps = 14
+    result = loop.train_and_evaluate(cfg, workdir)
+    assert result["steps"] == 14
+    resumed_steps = [r["step"] for r in read_jsonl(workdir) if r["split"] == "train"]
+    assert resumed_steps[12:] == [7, 8, 9, 10, 11, 12, 13, 14]  # continued from step 6
+
+
+def test_tensorboard_events_and_sample(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = micro_config()
+    cfg.data.path = data_dir
+    result = loop.train_and_evaluate(cfg, str(tmp_path))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in [
+        "train/loss",
+        "train/grad_norm",
+        "train/learning_rate",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "validation/loss",
+        "validation/bits_per_byte",
+        "diagnostics/amax/composite_forward_max",
+        "diagnostics/amax/composite_backward_max",
+        "diagnostics/amax/layer_forward_max",
+        "diagnostics/h_res/row_err_max",
+        "diagnostics/h_res/col_err_max",
+        "diagnostics/h_pre/mean",
+        "diagnostics/h_post/mean",
+    ]:
+        assert tag in scalars, (tag, sorted(scalars))
+    assert "diagnostics/h_res" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    assert (tmp_path / "sample.txt").read_text() == result["sample"]
+    assert result["sample"].startswith("ROMEO:") and len(result["sample"]) > len("ROMEO:")
