@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -101,7 +102,9 @@ class Checkpointer:
         )
         handlers = {"state": ocp.StandardCheckpointHandler()}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS})
-        self._manager = ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(directory), item_handlers=handlers, options=options
+        )
         # Steps newer than a fallback restore that failed to load; moved aside on the next
         # save, since orbax refuses to save at or below its latest step.
         self._unrestorable: set[int] = set()

@@ -94,6 +94,12 @@ class MetricsLogger:
         else:
             print(message, flush=True)
 
+    def end_progress(self) -> None:
+        """Closes the progress bar (later messages print as plain lines)."""
+        if self.enabled and self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def flush(self) -> None:
         if self.enabled and self._writer is not None:
             self._writer.flush()
@@ -101,8 +107,7 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.close()
+        self.end_progress()
         if self._writer is not None:
             self._writer.close()
         self._jsonl.close()

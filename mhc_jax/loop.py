@@ -249,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
         if pending is not None:
             process(*pending)
+    logger.end_progress()
     ckpt.wait_until_finished()
     ckpt.close()
 
