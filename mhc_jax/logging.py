@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+PROFILES_FILE = "diagnostics.jsonl"
 
 
 def _to_float(value) -> float:
@@ -43,6 +44,7 @@ class MetricsLogger:
         initial_step: int = 0,
     ):
         self.enabled = enabled
+        self._workdir = workdir
         self._writer = self._jsonl = self._bar = None
         if not enabled:
             return
@@ -68,6 +70,15 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in record.items():
                 self._writer.add_scalar(f"{split}/{key}", value, int(step))
+
+    def profile(self, step: int, values: Mapping[str, object]) -> None:
+        """Appends per-layer arrays (e.g. Amax gain per layer, H_res matrices) as one
+        JSON record to diagnostics.jsonl: {"step": s, name: nested lists, ...}."""
+        if not self.enabled:
+            return
+        record = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in values.items()}
+        with open(os.path.join(self._workdir, PROFILES_FILE), "a") as f:
+            f.write(json.dumps({"step": int(step), **record}) + "\n")
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """Logs an (H, W, 3) uint8 image to TensorBoard."""

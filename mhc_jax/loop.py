@@ -22,7 +22,7 @@ from absl import logging as absl_logging
 from mhc_jax import config as config_lib
 from mhc_jax import data as data_lib
 from mhc_jax.checkpointing import Checkpointer
-from mhc_jax.diagnostics import heatmap_image
+from mhc_jax.diagnostics import gain_profile, heatmap_image
 from mhc_jax.logging import MetricsLogger
 from mhc_jax.optim import learning_rate_schedule, make_optimizer
 from mhc_jax.sampling import generate
@@ -218,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             stats = {k: v for k, v in m.items() if "/" in k}
             logger.scalars(step, "diagnostics", stats)
             logger.image(step, "diagnostics/h_res", heatmap_image(m["h_res"]))
+            logger.profile(step, {**gain_profile(m["h_res"]), "h_res": m["h_res"]})
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     preempted = False

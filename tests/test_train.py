@@ -336,6 +336,12 @@ def test_tensorboard_events_and_sample(tmp_path, data_dir):
     ]:
         assert tag in scalars, (tag, sorted(scalars))
     assert "diagnostics/h_res" in acc.Tags()["images"]
+    with open(tmp_path / "diagnostics.jsonl") as f:
+        profiles = [json.loads(line) for line in f]
+    assert [p["step"] for p in profiles] == [6, 12]
+    layers = 2 * cfg.model.num_blocks
+    assert np.asarray(profiles[-1]["h_res"]).shape == (layers, cfg.model.n, cfg.model.n)
+    assert len(profiles[-1]["composite_forward"]) == layers
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
     assert (tmp_path / "sample.txt").read_text() == result["sample"]
     assert result["sample"].startswith("ROMEO:") and len(result["sample"]) > len("ROMEO:")
