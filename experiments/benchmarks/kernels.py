@@ -1,0 +1,362 @@
+"""Times the mHC Pallas kernels against the XLA path on one accelerator.
+
+    python experiments/benchmarks/kernels.py [--mode api|kernels|sweep] [--tokens 8192 32768]
+        [--hidden 1280 2560 4096] [--streams 4] [--reps 25]
+
+For each (T, C) with bf16 streams and n streams it times, for impl "xla" (the
+library's broadcast-multiply jnp) and "pallas" (api), each op's forward and
+forward+backward, the mHC connection forward+backward (mapping fused with pre,
+then post-res; f and the cotangents of layer_input and x_next are inputs), and a
+plain residual add forward+backward (the floor), plus a device copy for the
+bandwidth ceiling. Passes: 3 warm-up calls, then ``--reps`` timed samples, each
+the mean of 4 back-to-back calls between device syncs; the median is printed.
+
+Bytes are the compulsory traffic: every input read once and every output written
+once (bf16 streams, fp32 coefficients, phi once); a kernel that re-reads x moves
+more. GB/s = those bytes / time; "copy" = that over the measured copy bandwidth.
+``--mode kernels`` times each Triton kernel of the connection alone (plus the
+standalone pre kernels) with the same byte accounting; ``--mode sweep`` times
+candidate blocks for the mapping kernels at the first (T, C) and prints the
+best (for pallas_kernels/mhc/blocks.py); ``--mode tuned`` sweeps, installs the
+winners for every size and then runs the api timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.mhc import api, blocks
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+WARMUP, BATCH = 3, 4
+
+
+def timeit(fn, *args, reps: int) -> float:
+    """Median seconds per call of a jitted fn (device-synchronised)."""
+    for _ in range(WARMUP):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(BATCH):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / BATCH)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(reps: int) -> float:
+    """Bytes/s of an elementwise device copy (read + write) of 2 GiB of bf16."""
+    a = jax.random.normal(jax.random.key(0), (2**30,), BF16)
+    seconds = timeit(jax.jit(lambda v: -v), a, reps=reps)
+    return 2 * a.nbytes / seconds
+
+
+def make_inputs(t: int, n: int, c: int):
+    """Random (never zero) operands, drawn on the device."""
+    keys = iter(jax.random.split(jax.random.key(t * 7 + c), 10))
+    k = n * n + 2 * n
+
+    def normal(shape, dtype=BF16, scale=1.0):
+        return (jax.random.normal(next(keys), shape, F32) * scale).astype(dtype)
+
+    def uniform(shape, high):
+        return jax.random.uniform(next(keys), shape, F32, 0.0, high)
+
+    return dict(
+        x=normal((t, n, c)),
+        f=normal((t, c)),
+        d_li=normal((t, c)),
+        d_xn=normal((t, n, c)),
+        phi=normal((n * c, k), F32, 1.0 / np.sqrt(n * c)),
+        bias=normal((k,), F32),
+        alpha=jnp.full((3,), 0.5, F32),
+        h_pre=uniform((t, n), 1.0),
+        h_post=uniform((t, n), 2.0),
+        h_res=uniform((t, n, n), 1.0),
+    )
+
+
+def _vjp_all(fn):
+    """(args, cots) -> (outputs, input cotangents): one forward + backward."""
+
+    def run(args, cots):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(cots)
+
+    return run
+
+
+def cases(impl: str, d: dict, t: int, n: int, c: int):
+    """name -> (fn, args, compulsory bytes). E = bf16 bytes of one (T, C) slab."""
+    e, coef = t * c * 2, t * 4
+    phi_b = d["phi"].size * 4
+    k = n * n + 2 * n
+    maps = (d["x"], d["phi"], d["bias"], d["alpha"])
+
+    def mapping(*a):
+        return api.mhc_mappings(*a, impl=impl)
+
+    def mapping_pre(*a):
+        return api.mhc_mappings_and_pre(*a, impl=impl)
+
+    def pre(h, x):
+        return api.apply_pre(h, x, impl=impl)
+
+    def post_res(hr, hp, x, f):
+        return api.apply_post_res(hr, hp, x, f, impl=impl)
+
+    def connection(x, f, phi, bias, alpha):
+        li, _, h_post, h_res = api.mhc_mappings_and_pre(x, phi, bias, alpha, impl=impl)
+        return li, api.apply_post_res(h_res, h_post, x, f, impl=impl)
+
+    h_cots = (d["h_pre"], d["h_post"], d["h_res"])
+    post_args = (d["h_res"], d["h_post"], d["x"], d["f"])
+    return {
+        "mapping fwd": (mapping, maps, n * e + phi_b + k * coef),
+        "mapping fwd+bwd": (
+            _vjp_all(mapping),
+            (maps, h_cots),
+            2 * n * e + 2 * phi_b + 2 * k * coef,
+        ),
+        "mapping+pre fwd": (mapping_pre, maps, (n + 1) * e + phi_b + k * coef),
+        "mapping+pre fwd+bwd": (
+            _vjp_all(mapping_pre),
+            (maps, (d["d_li"], *h_cots)),
+            (2 * n + 2) * e + 2 * phi_b + 2 * k * coef,
+        ),
+        "pre fwd": (pre, (d["h_pre"], d["x"]), (n + 1) * e + n * coef),
+        "pre fwd+bwd": (
+            _vjp_all(pre),
+            ((d["h_pre"], d["x"]), d["d_li"]),
+            (2 * n + 2) * e + 2 * n * coef,
+        ),
+        "post-res fwd": (post_res, post_args, (2 * n + 1) * e + (n * n + n) * coef),
+        "post-res fwd+bwd": (
+            _vjp_all(post_res),
+            (post_args, d["d_xn"]),
+            (4 * n + 2) * e + 2 * (n * n + n) * coef,
+        ),
+        "connection fwd+bwd": (
+            _vjp_all(connection),
+            ((d["x"], d["f"], d["phi"], d["bias"], d["alpha"]), (d["d_li"], d["d_xn"])),
+            (4 * n + 4) * e + 2 * phi_b,
+        ),
+    }
+
+
+def residual(d: dict, t: int, c: int):
+    def run(x, f, dy):
+        y, vjp = jax.vjp(lambda a, b: a + b, x, f)
+        return y, vjp(dy)
+
+    x = d["x"][:, 0]
+    return run, (x, d["f"], d["d_li"]), 6 * t * c * 2
+
+
+def bench(args) -> None:
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}; jax {jax.__version__}; n = {args.streams}, bf16 streams")
+    copy_bw = copy_bandwidth(args.reps)
+    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
+    header = f"{'T':>6} {'C':>5} {'op':22s} {'impl':7s} {'ms':>8} {'GB':>6} {'GB/s':>6} "
+    print(header + f"{'copy':>5} {'xla/pallas':>10}")
+    for t in args.tokens:
+        for c in args.hidden:
+            d = make_inputs(t, args.streams, c)
+            fn, a, nbytes = residual(d, t, c)
+            sec = timeit(jax.jit(fn), *a, reps=args.reps)
+            _row(t, c, "residual add fwd+bwd", "xla", sec, nbytes, copy_bw, "")
+            times = {}
+            for impl in ("xla", "pallas"):
+                for name, (fn, a, nbytes) in cases(impl, d, t, args.streams, c).items():
+                    try:
+                        sec = timeit(jax.jit(fn), *a, reps=args.reps)
+                    except Exception as err:  # report and go on: one size must not sink the run
+                        print(f"{t:6d} {c:5d} {name:22s} {impl:7s} FAILED {err!r:.300}")
+                        continue
+                    times[name, impl] = sec
+                    ratio = times.get((name, "xla"), float("nan")) / sec if impl == "pallas" else ""
+                    _row(t, c, name, impl, sec, nbytes, copy_bw, ratio)
+            del d
+
+
+def _row(t, c, name, impl, sec, nbytes, copy_bw, ratio):
+    ratio = f"{ratio:10.2f}" if isinstance(ratio, float) else f"{ratio:>10}"
+    print(
+        f"{t:6d} {c:5d} {name:22s} {impl:7s} {sec * 1e3:8.3f} {nbytes / 1e9:6.2f} "
+        f"{nbytes / sec / 1e9:6.0f} {nbytes / sec / copy_bw:5.2f} {ratio}",
+        flush=True,
+    )
+
+
+def kernel_table(d: dict, t: int, n: int, c: int):
+    """Each Triton kernel of the connection alone: name -> (fn, args, bytes, blocks function)."""
+    from pallas_kernels.mhc import _coeffs, _common, mapping_triton, post_res_triton, pre_triton
+
+    e, kp = t * c * 2, _coeffs.packed_width(n, "triton")
+    static = _common.Static()
+    x2 = d["x"].reshape(t, n * c)
+    info = _coeffs.column_info(n, kp, d["bias"], d["alpha"])
+    parts = _common.phi_parts(d["phi"], kp, BF16)
+    phi_b, rows = sum(p.size * 2 for p in parts), t * kp * 4
+    coef, saved, _ = mapping_triton.fwd(x2, parts, info, n=n, c=c, static=static, with_pre=True)
+    dcoef = jax.random.normal(jax.random.key(1), (t, kp), F32)
+    dy = mapping_triton.coef_bwd(saved, dcoef, info, n=n, c=c, static=static)[0]
+    kw = dict(n=n, c=c, static=static)
+
+    def mapping_fwd(x2, parts, info):
+        return mapping_triton.fwd(x2, parts, info, with_pre=True, **kw)
+
+    return {
+        "mapping+pre fwd": (
+            mapping_fwd,
+            (x2, parts, info),
+            (n + 1) * e + phi_b + 2 * rows,
+            "triton_mapping_fwd",
+        ),
+        "pre dh (pass A)": (
+            lambda x2, dli: pre_triton.weight_grad(x2, dli, **kw),
+            (x2, d["d_li"]),
+            (n + 1) * e + t * n * 4,
+            "triton_pre_bwd",
+        ),
+        "mapping coef bwd": (
+            lambda saved, dcoef, info: mapping_triton.coef_bwd(saved, dcoef, info, **kw),
+            (saved, dcoef, info),
+            3 * rows,
+            "triton_mapping_coef_bwd",
+        ),
+        "mapping+pre x bwd": (
+            lambda *a: mapping_triton.x_bwd(*a, **kw),
+            (x2, dy, parts, coef[:, :n], d["d_li"]),
+            (2 * n + 1) * e + phi_b + rows + 4 * kp * n * c,
+            "triton_mapping_x_bwd",
+        ),
+        "post-res fwd": (
+            lambda *a: post_res_triton.fwd(*a, static),
+            (d["h_res"], d["h_post"], d["x"], d["f"]),
+            (2 * n + 1) * e,
+            "triton_post_res_fwd",
+        ),
+        "post-res bwd": (
+            lambda *a: post_res_triton.bwd(*a, static),
+            (d["h_res"], d["h_post"], d["x"], d["f"], d["d_xn"]),
+            (3 * n + 2) * e,
+            "triton_post_res_bwd",
+        ),
+        "pre fwd": (
+            lambda *a: pre_triton.fwd(*a, static),
+            (d["h_pre"], d["x"]),
+            (n + 1) * e,
+            "triton_pre_fwd",
+        ),
+        "pre bwd": (
+            lambda *a: pre_triton.bwd(*a, static),
+            (d["h_pre"], d["x"], d["d_li"]),
+            (2 * n + 1) * e,
+            "triton_pre_bwd",
+        ),
+    }
+
+
+def breakdown(args) -> None:
+    """Times every Triton kernel of the connection alone (default blocks)."""
+    copy_bw = copy_bandwidth(args.reps)
+    print(f"per-kernel, {jax.devices()[0].device_kind}, copy {copy_bw / 1e9:.0f} GB/s")
+    for t in args.tokens:
+        for c in args.hidden:
+            table = kernel_table(make_inputs(t, args.streams, c), t, args.streams, c)
+            for name, (fn, a, nbytes, _) in table.items():
+                _row(
+                    t,
+                    c,
+                    name,
+                    "pallas",
+                    timeit(jax.jit(fn), *a, reps=args.reps),
+                    nbytes,
+                    copy_bw,
+                    "",
+                )
+
+
+def _grid(tiles, warps=(4,), stages=(2,)):
+    return [(bt, bc, w, s) for bt, bc in tiles for w in warps for s in stages]
+
+
+# Candidate (bt, bc, num_warps, num_stages) for the kernels that do not already
+# stream at about copy bandwidth (the pre and post-res ones do, see --mode kernels).
+SWEEP = {
+    "mapping+pre fwd": _grid(((64, 128), (128, 128), (128, 64), (64, 256)), (4, 8), (3,)),
+    "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1))),
+    "mapping+pre x bwd": _grid(((64, 128), (128, 128), (128, 64), (256, 64)), (4, 8)),
+}
+
+
+def _fixed(attr: str, blk):
+    """A replacement for blocks.<attr> returning blk at every size (with the x
+    backward's token splits recomputed per size, as the default does)."""
+    if attr != "triton_mapping_x_bwd":
+        return lambda *_: blk
+
+    def with_splits(t, n, c, kp):
+        cols = n * -(-c // blk.bc)
+        return blk, max(1, min(-(-t // blk.bt), -(-blocks.GPU_PROGRAMS // cols)))
+
+    return with_splits
+
+
+def sweep(args) -> dict:
+    """Times candidate Triton blocks per kernel (alone) at the first (T, C); returns the best."""
+    t, c, n = args.tokens[0], args.hidden[0], args.streams
+    table = kernel_table(make_inputs(t, n, c), t, n, c)
+    print(f"sweep at T={t} C={c} n={n} on {jax.devices()[0].device_kind}")
+    best = {}
+    for name, candidates in SWEEP.items():
+        fn, a, _, attr = table[name]
+        original, results = getattr(blocks, attr), []
+        for cand in candidates:
+            setattr(blocks, attr, _fixed(attr, blocks.TritonBlocks(*cand)))
+            try:  # a fresh function per candidate: jit caches traces by function
+                fresh = functools.partial(fn)
+                results.append((timeit(jax.jit(fresh), *a, reps=args.reps), cand))
+            except Exception as err:  # a candidate that does not compile is skipped
+                print(f"  {name} {cand} failed: {err!r:.200}")
+        setattr(blocks, attr, original)
+        results.sort()
+        best[attr] = results[0][1]
+        print(f"{name}: " + ", ".join(f"{v}: {s * 1e3:.3f} ms" for s, v in results[:5]), flush=True)
+    return best
+
+
+def tuned(args) -> None:
+    """Sweeps, installs the best blocks at every size, then runs the api timings."""
+    best = sweep(argparse.Namespace(**{**vars(args), "reps": 8}))
+    for attr, cand in best.items():
+        setattr(blocks, attr, _fixed(attr, blocks.TritonBlocks(*cand)))
+    print(f"installed: {best}", flush=True)
+    bench(args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1280, 2560, 4096])
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
+    args = parser.parse_args()
+    if args.reps < 20 and args.mode != "sweep":
+        parser.error(f"--reps must be >= 20 for reported timings, got {args.reps}")
+    {"api": bench, "kernels": breakdown, "sweep": sweep, "tuned": tuned}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Glue shared by the Triton and Mosaic TPU kernel files.
+
+* Matmul helpers for the kernels. x is read in its own dtype (bf16 in the paper)
+  and every product accumulates in fp32. An fp32 operand meeting a 16-bit one
+  is split into a 16-bit hi + lo pair, so phi keeps about 16 mantissa bits
+  (tf32 keeps 10) with plain bf16 tensor-core/MXU products; fp32 x uses fp32
+  products (``Precision.HIGHEST``).
+* ``jax.custom_vjp`` builders: each backend file hands its pallas_call wrappers
+  to these and gets differentiable ops on (T, n, C) streams. The glue packs and
+  unpacks the coefficient rows (see ``_coeffs``) and sums the per-block
+  partials the kernels leave (fixed order, so runs are bitwise repeatable).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.mhc import _coeffs
+
+F32 = jnp.float32
+
+
+def split(a: jax.Array, dtype) -> tuple[jax.Array, ...]:
+    """fp32 value -> (a,) for fp32 work, else (hi, lo) in the 16-bit dtype."""
+    if jnp.dtype(dtype) == F32:
+        return (a.astype(F32),)
+    hi = a.astype(dtype)
+    return hi, (a - hi.astype(F32)).astype(dtype)
+
+
+def _dot(a, b, contract):
+    precision = lax.Precision.HIGHEST if a.dtype == F32 else None
+    return lax.dot_general(
+        a, b, (contract, ((), ())), precision=precision, preferred_element_type=F32
+    )
+
+
+def dot_nt(a, b):
+    """(M, K) x (N, K) -> (M, N) fp32."""
+    return _dot(a, b, ((1,), (1,)))
+
+
+def dot_nn(a, b):
+    """(M, K) x (K, N) -> (M, N) fp32."""
+    return _dot(a, b, ((1,), (0,)))
+
+
+def dot_tn(a, b):
+    """(K, M) x (K, N) -> (M, N) fp32."""
+    return _dot(a, b, ((0,), (0,)))
+
+
+def project(x, phi_parts):
+    """x (M, W) in its dtype @ phi^T parts (kp, W) -> (M, kp) fp32."""
+    return sum(dot_nt(x, p) for p in phi_parts)
+
+
+def back_project(dy_parts, phi_parts):
+    """dy (M, kp) @ phi^T (kp, W) -> (M, W) fp32, for dx in x's dtype.
+
+    With 16-bit x the phi lo part is dropped: its 2^-9 relative contribution is
+    the size of dx's own bf16 rounding, so the dot it would cost is skipped.
+    """
+    return sum(dot_nn(d, phi_parts[0]) for d in dy_parts)
+
+
+def phi_outer(dy_parts, x):
+    """sum_t dy[t]^T x[t]: (M, kp), (M, W) -> (kp, W) fp32."""
+    return sum(dot_tn(d, x) for d in dy_parts)
+
+
+class Static(NamedTuple):
+    """Hashable non-differentiable arguments of the ops."""
+
+    num_iters: int = 20
+    norm_eps: float = 1e-6
+    interpret: bool = False
+
+
+def phi_parts(phi, kp, dtype):
+    """phi (n*C, K) -> phi^T padded to (kp, n*C), split for x's dtype (see ``split``)."""
+    k = phi.shape[1]
+    phi_t = jnp.pad(phi.astype(F32).T, ((0, kp - k), (0, 0)))  # (kp, n*C), zero rows >= K
+    return split(phi_t, dtype)
+
+
+def mapping_op(
+    backend: str, fwd: Callable, coef_bwd: Callable, x_bwd: Callable, pre_grad: Callable
+) -> Callable:
+    """Builds ``op(x, phi, bias, alpha, static, with_pre)`` with a custom VJP.
+
+    x is (T, n, C); the op returns (h_pre, h_post, h_res), preceded by
+    layer_input (T, C) in x.dtype when ``with_pre``. Backend callables:
+
+    * ``fwd(x2, phi_parts, info, *, n, c, static, with_pre) -> (coef, saved, li)``
+    * ``coef_bwd(saved, dcoef, info, *, n, c, static) -> (dy, dt_parts, dtraw_parts)``
+    * ``x_bwd(x2, dy, phi_parts, h_pre, dli, *, n, c, static) -> (dx2, dphi_t_parts)``
+    * ``pre_grad(x2, dli, *, n, c, static) -> (T, n)``: <x[i], dli>, the pre's d h_pre
+
+    with x2 = x.reshape(T, n*C); ``h_pre``/``dli`` of ``x_bwd`` are None unless
+    ``with_pre``; partials carry a leading block axis.
+    """
+
+    def prepare(x, phi, bias, alpha):
+        t, n, c = x.shape
+        kp = _coeffs.packed_width(n, backend)
+        info = _coeffs.column_info(n, kp, bias, alpha)
+        return x.reshape(t, n * c), phi_parts(phi, kp, x.dtype), info, n, c
+
+    def unpack(coef, n):
+        k = _coeffs.width(n)
+        return coef[:, :n], coef[:, n : 2 * n], coef[:, 2 * n : k].reshape(-1, n, n)
+
+    def op_fwd(x, phi, bias, alpha, static, with_pre):
+        x2, parts, info, n, c = prepare(x, phi, bias, alpha)
+        coef, saved, li = fwd(x2, parts, info, n=n, c=c, static=static, with_pre=with_pre)
+        outs = unpack(coef, n)
+        h_pre = outs[0] if with_pre else None
+        return ((li, *outs) if with_pre else outs), (x, phi, bias, alpha, saved, h_pre)
+
+    def op_bwd(static, with_pre, residuals, g):
+        x, phi, bias, alpha, saved, h_pre = residuals
+        x2, parts, info, n, c = prepare(x, phi, bias, alpha)
+        dli, g = (g[0], g[1:]) if with_pre else (None, g)
+        kp, k = info.shape[1], _coeffs.width(n)
+        d_pre, d_post, d_res = (a.astype(F32) for a in g)
+        dcoef = jnp.concatenate(
+            [d_pre, d_post, d_res.reshape(-1, n * n), jnp.zeros((x2.shape[0], kp - k), F32)], 1
+        )
+        if with_pre:
+            dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
+        dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
+        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, n=n, c=c, static=static)
+        dtraw = jnp.sum(dtraw_parts, axis=0)
+        dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
+        return (
+            dx2.reshape(x.shape),
+            jnp.sum(dphi_t, axis=0)[:k].T.astype(phi.dtype),
+            jnp.sum(dt_parts, axis=0)[:k].astype(bias.dtype),
+            dalpha.astype(alpha.dtype),
+        )
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+    def op(x, phi, bias, alpha, static, with_pre):
+        return op_fwd(x, phi, bias, alpha, static, with_pre)[0]
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def pre_op(fwd: Callable, bwd: Callable) -> Callable:
+    """``op(h_pre (T, n), x (T, n, C), static) -> (T, C)`` from
+    ``fwd(h, x, static)`` and ``bwd(h, x, dli, static) -> (dx, dh)``."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def op(h, x, static):
+        return fwd(h, x, static)
+
+    def op_fwd(h, x, static):
+        return fwd(h, x, static), (h, x)
+
+    def op_bwd(static, residuals, dli):
+        h, x = residuals
+        dx, dh = bwd(h, x, dli, static)
+        return dh.astype(h.dtype), dx
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def post_res_op(fwd: Callable, bwd: Callable) -> Callable:
+    """``op(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static) -> (T, n, C)``
+    from ``fwd(h_res, h_post, x, f, static)`` and
+    ``bwd(h_res, h_post, x, f, dxn, static) -> (dh_res, dh_post, dx, df)``."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def op(h_res, h_post, x, f, static):
+        return fwd(h_res, h_post, x, f, static)
+
+    def op_fwd(h_res, h_post, x, f, static):
+        return fwd(h_res, h_post, x, f, static), (h_res, h_post, x, f)
+
+    def op_bwd(static, residuals, dxn):
+        h_res, h_post, x, f = residuals
+        dh_res, dh_post, dx, df = bwd(h_res, h_post, x, f, dxn, static)
+        return dh_res.astype(h_res.dtype), dh_post.astype(h_post.dtype), dx, df
+
+    op.defvjp(op_fwd, op_bwd)
+    return op

@@ -1,0 +1,221 @@
+"""mHC mapping kernels (SPEC §7.1), Pallas Triton backend (GPU).
+
+Forward (one program per BT tokens): one pass over the token block's n*C values
+accumulates ``x @ phi`` (tensor cores, fp32 accumulate) and ``sum(x**2)``
+together, then the coefficients and Sinkhorn run in registers. With the pre
+fused, a second loop re-reads the block (marked evict-last in the first pass
+so that it may still sit in L2) and writes ``layer_input``.
+
+Backward: a coefficient kernel (sigmoid and Sinkhorn VJPs, Sinkhorn recomputed
+from the saved logits) turns the coefficient cotangents into ``dy = d(x @ phi)``
+(with the pre fused, ``<x[i], dli>`` first comes from the pre family's kernel),
+then an x kernel, gridded over (column block, token range), computes
+``dx = dy @ phi^T + c_x x (+ h_pre dli)`` and accumulates ``dphi^T = dy^T x``
+in registers over its token range; the per-range partials are summed outside.
+Refs are whole arrays; loads and stores are masked, so no size need divide a block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.mhc import _coeffs, blocks, pre_triton
+from pallas_kernels.mhc._common import back_project, mapping_op, phi_outer, project, split
+from pallas_kernels.mhc._triton_io import col_mask, row_mask
+
+F32 = jnp.float32
+
+
+def _info(info_ref, n):
+    return _coeffs.load_info(lambda r: info_ref[pl.ds(r, 1), :], _iota, n)
+
+
+def _iota(width):
+    return jnp.arange(width)[None, :]
+
+
+def _fwd_kernel(x_ref, *refs, n, c, nparts, bt, bc, num_iters, norm_eps, with_pre):
+    parts, info_ref, coef_ref, saved_ref = refs[:nparts], *refs[nparts : nparts + 3]
+    t, nc, kp = x_ref.shape[0], n * c, coef_ref.shape[1]
+    t0 = pl.program_id(0) * bt
+    rows = row_mask(t0, bt, t)
+    info = _info(info_ref, n)
+
+    def body(j, carry):
+        acc, sumsq = carry
+        cols = col_mask(j * bc, bc, nc)
+        xb = plgpu.load(
+            x_ref.at[pl.ds(t0, bt), pl.ds(j * bc, bc)],
+            mask=rows & cols,
+            other=0.0,
+            eviction_policy="evict_last",
+        )
+        phis = [plgpu.load(p.at[:, pl.ds(j * bc, bc)], mask=cols, other=0.0) for p in parts]
+        xf = xb.astype(F32)
+        return acc + project(xb, phis), sumsq + jnp.sum(xf * xf, axis=1, keepdims=True)
+
+    init = (jnp.zeros((bt, kp), F32), jnp.zeros((bt, 1), F32))
+    acc, sumsq = lax.fori_loop(0, pl.cdiv(nc, bc), body, init)
+    coef, saved = _coeffs.forward_epilogue(
+        acc,
+        sumsq,
+        info,
+        n=n,
+        nc=nc,
+        num_iters=num_iters,
+        norm_eps=norm_eps,
+    )
+    plgpu.store(coef_ref.at[pl.ds(t0, bt), :], coef, mask=rows)
+    plgpu.store(saved_ref.at[pl.ds(t0, bt), :], saved, mask=rows)
+    if not with_pre:
+        return
+    li_ref = refs[nparts + 3]
+    h = [_coeffs.lane_column(coef, info, i) for i in range(n)]
+
+    @pl.loop(0, pl.cdiv(c, bc))
+    def _(j):
+        mask = rows & col_mask(j * bc, bc, c)
+        li = sum(
+            h[i]
+            * plgpu.load(
+                x_ref.at[pl.ds(t0, bt), pl.ds(i * c + j * bc, bc)],
+                mask=mask,
+                other=0.0,
+                eviction_policy="evict_first",
+            ).astype(F32)
+            for i in range(n)
+        )
+        plgpu.store(li_ref.at[pl.ds(t0, bt), pl.ds(j * bc, bc)], li.astype(li_ref.dtype), mask=mask)
+
+
+def fwd(x2, parts, info, *, n, c, static, with_pre):
+    """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype."""
+    t, kp = x2.shape[0], info.shape[1]
+    blk = blocks.triton_mapping_fwd(t, kp, x2.dtype.itemsize)
+    kernel = functools.partial(
+        _fwd_kernel,
+        n=n,
+        c=c,
+        nparts=len(parts),
+        bt=blk.bt,
+        bc=blk.bc,
+        num_iters=static.num_iters,
+        norm_eps=static.norm_eps,
+        with_pre=with_pre,
+    )
+    out_shape = [jax.ShapeDtypeStruct((t, kp), F32)] * 2
+    if with_pre:
+        out_shape.append(jax.ShapeDtypeStruct((t, c), x2.dtype))
+    outs = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(t, blk.bt),),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=static.interpret,
+        name="mhc_mapping_fwd",
+    )(x2, *parts, info)
+    return outs[0], outs[1], outs[2] if with_pre else None
+
+
+def _coef_bwd_kernel(
+    saved_ref, dcoef_ref, info_ref, dy_ref, dt_ref, dtraw_ref, *, n, c, bt, num_iters
+):
+    pid = pl.program_id(0)
+    t0 = pid * bt
+    rows = row_mask(t0, bt, saved_ref.shape[0])
+    info = _info(info_ref, n)
+    saved = plgpu.load(saved_ref.at[pl.ds(t0, bt), :], mask=rows, other=1.0)
+    dcoef = plgpu.load(dcoef_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
+    dy, dt, dtraw = _coeffs.backward_epilogue(
+        saved, dcoef, info, n=n, nc=n * c, num_iters=num_iters
+    )
+    plgpu.store(dy_ref.at[pl.ds(t0, bt), :], dy, mask=rows)
+    for ref, val in ((dt_ref, dt), (dtraw_ref, dtraw)):
+        plgpu.store(ref.at[pl.ds(pid, 1), :], jnp.sum(jnp.where(rows, val, 0.0), 0, keepdims=True))
+
+
+def coef_bwd(saved, dcoef, info, *, n, c, static):
+    """Coefficient backward: (dy (T, kp), dt and dt*raw partials (blocks, kp)), all fp32."""
+    t, kp = saved.shape
+    blk = blocks.triton_mapping_coef_bwd(t, kp)
+    nb = pl.cdiv(t, blk.bt)
+    kernel = functools.partial(_coef_bwd_kernel, n=n, c=c, bt=blk.bt, num_iters=static.num_iters)
+    return pl.pallas_call(
+        kernel,
+        grid=(nb,),
+        out_shape=[jax.ShapeDtypeStruct((t, kp), F32)] + [jax.ShapeDtypeStruct((nb, kp), F32)] * 2,
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=static.interpret,
+        name="mhc_mapping_coef_bwd",
+    )(saved, dcoef, info)
+
+
+def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, nparts, bt, bc, splits, with_pre):
+    parts = refs[:nparts]
+    dx_ref, dphi_ref = refs[-2:]
+    t, kp = x_ref.shape[0], dy_ref.shape[1]
+    col_blocks = pl.cdiv(c, bc)
+    stream, cb, s = pl.program_id(0) // col_blocks, pl.program_id(0) % col_blocks, pl.program_id(1)
+    col = stream * c + cb * bc
+    cols = col_mask(cb * bc, bc, c)
+    phis = [plgpu.load(p.at[:, pl.ds(col, bc)], mask=cols, other=0.0) for p in parts]
+    rms_lane = jnp.arange(kp)[None, :] == _coeffs.width(n)
+    per = pl.cdiv(pl.cdiv(t, bt), splits)
+
+    def body(j, acc):
+        t0 = (s * per + j) * bt
+        rows = row_mask(t0, bt, t)
+        mask = rows & cols
+        dy = plgpu.load(dy_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
+        xb = plgpu.load(x_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0)
+        c_x = jnp.sum(jnp.where(rms_lane, dy, 0.0), axis=1, keepdims=True)
+        dys = split(dy, xb.dtype)
+        dx = back_project(dys, phis) + c_x * xb.astype(F32)
+        if with_pre:
+            h_ref, dli_ref = refs[nparts : nparts + 2]
+            h = plgpu.load(h_ref.at[pl.ds(t0, bt), pl.ds(stream, 1)], mask=rows, other=0.0)
+            dli = plgpu.load(dli_ref.at[pl.ds(t0, bt), pl.ds(cb * bc, bc)], mask=mask, other=0.0)
+            dx = dx + h * dli.astype(F32)
+        plgpu.store(dx_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], dx.astype(dx_ref.dtype), mask=mask)
+        return acc + phi_outer(dys, xb)
+
+    acc = lax.fori_loop(0, per, body, jnp.zeros((kp, bc), F32))
+    plgpu.store(dphi_ref.at[s, :, pl.ds(col, bc)], acc, mask=cols)
+
+
+def x_bwd(x2, dy, parts, h_pre, dli, *, n, c, static):
+    """(dx2 (T, n*C) in x2.dtype, dphi^T partials (S, kp, n*C) fp32)."""
+    t, kp = dy.shape
+    blk, splits = blocks.triton_mapping_x_bwd(t, n, c, kp)
+    with_pre = h_pre is not None
+    kernel = functools.partial(
+        _x_bwd_kernel,
+        n=n,
+        c=c,
+        nparts=len(parts),
+        bt=blk.bt,
+        bc=blk.bc,
+        splits=splits,
+        with_pre=with_pre,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(n * pl.cdiv(c, blk.bc), splits),
+        out_shape=[
+            jax.ShapeDtypeStruct(x2.shape, x2.dtype),
+            jax.ShapeDtypeStruct((splits, kp, n * c), F32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=static.interpret,
+        name="mhc_mapping_x_bwd",
+    )(x2, dy, *parts, *((h_pre, dli) if with_pre else ()))
+
+
+mapping = mapping_op("triton", fwd, coef_bwd, x_bwd, pre_triton.weight_grad)
+"""``mapping(x (T, n, C), phi, bias, alpha, static, with_pre)``: see ``_common.mapping_op``."""

@@ -1,0 +1,71 @@
+"""Pure-jnp references for the mHC kernels.
+
+The mapping, pre and post-res math is the library's (``mhc_jax``), re-exported
+here; this module adds only what the library has no counterpart for: the fused
+mapping + pre, a plainly unrolled Sinkhorn (so that autodiff, e.g. in float64,
+gives the exact reference gradient), and the converged-iterate approximation of
+the Sinkhorn gradient (the shortcut the kernels do not take; tests contrast it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mhc_jax.connections import apply_post_res, apply_pre, mhc_mappings
+from mhc_jax.sinkhorn import LOGIT_FLOOR, sinkhorn_knopp
+
+__all__ = [
+    "apply_post_res",
+    "apply_pre",
+    "mhc_mappings",
+    "mhc_mappings_and_pre",
+    "sinkhorn_converged_vjp",
+    "sinkhorn_unrolled",
+]
+
+
+def mhc_mappings_and_pre(
+    x: jax.Array,
+    phi: jax.Array,
+    bias: jax.Array,
+    alpha: jax.Array,
+    *,
+    num_iters: int = 20,
+    norm_eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(layer_input (..., C) in x.dtype, h_pre, h_post, h_res): mapping then pre-apply."""
+    h_pre, h_post, h_res = mhc_mappings(x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+    return apply_pre(h_pre, x), h_pre, h_post, h_res
+
+
+def sinkhorn_unrolled(logits: jax.Array, num_iters: int = 20) -> jax.Array:
+    """Sinkhorn-Knopp as a Python-unrolled loop (same math as ``sinkhorn_knopp``).
+
+    (..., n, n) -> (..., n, n) in the input's float dtype (fp64 stays fp64), no
+    custom VJP: ``jax.vjp`` of it is plain backprop through every iterate.
+    """
+    shifted = logits - lax.stop_gradient(jnp.max(logits, axis=(-2, -1), keepdims=True))
+    m = jnp.exp(jnp.maximum(shifted, LOGIT_FLOOR))
+    for _ in range(num_iters):
+        m = m / jnp.sum(m, axis=-2, keepdims=True)
+        m = m / jnp.sum(m, axis=-1, keepdims=True)
+    return m
+
+
+def sinkhorn_converged_vjp(logits: jax.Array, g: jax.Array, num_iters: int = 20) -> jax.Array:
+    """Converged-iterate approximation of the Sinkhorn VJP: (..., n, n) x2 -> (..., n, n) fp32.
+
+    Back-propagates through the 2 * num_iters normalisations as if every
+    iterate were the final output P (each normaliser then equals 1), which
+    needs no recompute: a row step maps g to ``g - rowsum(g * P)``, a column
+    step to ``g - colsum(g * P)``, and exp contributes ``P * g``. Exact only
+    when the iteration has converged from the start; wrong for sharp logits.
+    """
+    p = sinkhorn_knopp(logits, num_iters)
+    g = g.astype(p.dtype)
+    for _ in range(num_iters):
+        g = g - jnp.sum(g * p, axis=-1, keepdims=True)
+        g = g - jnp.sum(g * p, axis=-2, keepdims=True)
+    return p * g
