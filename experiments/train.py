@@ -10,6 +10,7 @@ Re-running the same command resumes from the workdir's newest checkpoint.
 a memory estimate, then exits without allocating the model.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -21,6 +22,22 @@ from mhc_jax import costs
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print config and costs, then exit.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'auto' calls it when the environment shows a "
+    "multi-process launch (TPU pod, SLURM with several tasks, an explicit coordinator).",
+)
+
+
+def launched_multiprocess(env=os.environ) -> bool:
+    """True when the environment describes a job of several processes."""
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
 def _explain_unknown_overrides(argv) -> str:
@@ -65,6 +82,10 @@ def main(argv):
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (unless --dry_run)")
+    if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and launched_multiprocess()):
+        import jax
+
+        jax.distributed.initialize()
     from mhc_jax.loop import train_and_evaluate
 
     train_and_evaluate(cfg, _WORKDIR.value)

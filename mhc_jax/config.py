@@ -15,6 +15,7 @@ import ml_collections
 
 from mhc_jax.model import ModelConfig
 from mhc_jax.optim import OptimizerConfig
+from mhc_jax.sharding import MeshConfig
 
 
 def _from_dataclass(cls) -> ml_collections.ConfigDict:
@@ -54,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
             sample_top_k=40,
         )
     )
+    cfg.sharding = _from_dataclass(MeshConfig)
     cfg.logging = ml_collections.ConfigDict(
         dict(
             log_every=10,
@@ -118,7 +120,12 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     return OptimizerConfig(**fields)
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+def mesh_config(cfg: ml_collections.ConfigDict) -> MeshConfig:
+    """The validated MeshConfig of ``cfg.sharding``."""
+    return MeshConfig(**cfg.sharding.to_dict())
+
+
+def validate(cfg: ml_collections.ConfigDict, data_shards: int, process_count: int) -> None:
     """Checks the fields that no dataclass owns; raises ValueError naming field and value."""
 
     def check(ok, field, allowed):
@@ -134,16 +141,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, process_count: in
     check(t.max_nonfinite_streak >= 1, "training.max_nonfinite_streak", ">= 1")
     check(d.seq_len >= 1, "data.seq_len", ">= 1")
     accum = cfg.optimizer.grad_accum_steps
-    unit = num_devices * accum
+    unit = data_shards * accum
     check(
         d.batch_size >= 1 and d.batch_size % unit == 0,
         "data.batch_size",
-        f"a positive multiple of devices ({num_devices}) x optimizer.grad_accum_steps ({accum})",
+        f"a positive multiple of the data shards ({data_shards}: sharding.data x sharding.fsdp)"
+        f" x optimizer.grad_accum_steps ({accum})",
     )
     check(
-        d.eval_batch_size % num_devices == 0 and d.eval_batch_size >= 1,
+        d.eval_batch_size % data_shards == 0 and d.eval_batch_size >= 1,
         "data.eval_batch_size",
-        f"a positive multiple of the device count ({num_devices})",
+        f"a positive multiple of the data shards ({data_shards})",
     )
     check(
         d.batch_size % process_count == 0,

@@ -20,12 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from mhc_jax.sinkhorn import sinkhorn_knopp
 
 F32 = jnp.float32
 MHC_INITS = ("residual", "uniform")
 IMPLS = ("xla", "pallas", "pallas_interpret")
+RESIDUAL_SHARDS = ("hidden", "sequence")
 ROUND_ROBIN_EPS = 0.01  # SPEC §4: the off-stream read weight of the residual init.
 RES_DIAGONAL = 0.9  # SPEC §4: h_res diagonal at the residual init.
 
@@ -76,8 +78,34 @@ def mhc_mappings(
     # Project first, divide by the RMS after: the paper's kernel order, equal to
     # normalising first (SPEC §4). One pass over v gives both reductions.
     proj = jnp.dot(v, phi.astype(F32), preferred_element_type=F32)
-    rms = jnp.sqrt(jnp.mean(jnp.square(v), axis=-1, keepdims=True) + norm_eps)
-    raw = proj / rms
+    mean_square = jnp.mean(jnp.square(v), axis=-1, keepdims=True)
+    return mhc_coefficients(proj, mean_square, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+
+
+def mhc_coefficients(
+    proj: jax.Array,
+    mean_square: jax.Array,
+    bias: jax.Array,
+    alpha: jax.Array,
+    *,
+    num_iters: int = 20,
+    norm_eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The second half of ``mhc_mappings``: from ``v @ phi`` and ``mean(v**2)`` to h_*.
+
+    Split out so a tensor-parallel caller can ``psum`` partial projections and
+    sums of squares over C shards before it (see ``mhc_jax.partitioned``).
+
+    Args:
+      proj: (..., n*n + 2n) fp32 projection ``v @ phi``.
+      mean_square: (..., 1) fp32 mean of ``v**2`` over all n*C values.
+      bias, alpha, num_iters, norm_eps: as in ``mhc_mappings``.
+    """
+    width = proj.shape[-1]
+    n = math.isqrt(width + 1) - 1
+    if n * n + 2 * n != width:
+        raise ValueError(f"mhc_coefficients: proj width must be n*n + 2n, got {width}")
+    raw = proj / jnp.sqrt(mean_square + norm_eps)
     alpha = alpha.astype(F32)
     scale = jnp.concatenate(
         [jnp.full((n,), alpha[0]), jnp.full((n,), alpha[1]), jnp.full((n * n,), alpha[2])]
@@ -192,6 +220,15 @@ def residual_init_bias(n: int, layer_index: int) -> jax.Array:
 # ----------------------------------------------------------------------------- modules
 
 Branch = Callable[[jax.Array], jax.Array]
+BRANCH_OUTPUT = "branch_out"  # checkpoint name of every sub-layer output F(.) (remat.py)
+
+
+def _param_init(init, axes: tuple):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _run_branch(branch: Branch, layer_input: jax.Array) -> jax.Array:
+    return checkpoint_name(branch(layer_input), BRANCH_OUTPUT)
 
 
 def _sow_coefficients(module: nn.Module, h_pre, h_post, h_res) -> None:
@@ -217,7 +254,7 @@ class Residual(nn.Module):
     def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
         if x.shape[-2] != 1:
             raise ValueError(f"Residual: expects n = 1 stream, got x.shape={x.shape}")
-        return x + branch(x[..., 0, :])[..., None, :].astype(x.dtype)
+        return x + _run_branch(branch, x[..., 0, :])[..., None, :].astype(x.dtype)
 
 
 class HyperConnection(nn.Module):
@@ -239,29 +276,36 @@ class HyperConnection(nn.Module):
     def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
         n, c = _check_streams("HyperConnection", x)
         k = self.layer_index
-        b_pre = self.param("b_pre", lambda _: jax.nn.one_hot(k % n, n, dtype=F32))
-        b_post = self.param("b_post", lambda _: jnp.ones((n,), F32))
-        b_res = self.param("b_res", lambda _: jnp.eye(n, dtype=F32))
+        streams, pair = ("streams",), ("streams", "streams_out")
+        b_pre = self.param(
+            "b_pre", _param_init(lambda *_: jax.nn.one_hot(k % n, n, dtype=F32), streams)
+        )
+        b_post = self.param("b_post", _param_init(lambda *_: jnp.ones((n,), F32), streams))
+        b_res = self.param("b_res", _param_init(lambda *_: jnp.eye(n, dtype=F32), pair))
         dyn = None
         if self.dynamic:
             zeros = nn.initializers.zeros_init()
             scale = nn.initializers.constant(self.scale_init)
+            ones = nn.initializers.ones_init()
             dyn = HCDynamicParams(
-                norm_scale=self.param("norm_scale", nn.initializers.ones_init(), (c,), F32),
-                w_pre=self.param("w_pre", zeros, (c,), F32),
-                w_post=self.param("w_post", zeros, (c,), F32),
-                w_res=self.param("w_res", zeros, (c, n), F32),
+                norm_scale=self.param("norm_scale", _param_init(ones, ("norm",)), (c,), F32),
+                w_pre=self.param("w_pre", _param_init(zeros, ("embed",)), (c,), F32),
+                w_post=self.param("w_post", _param_init(zeros, ("embed",)), (c,), F32),
+                w_res=self.param("w_res", _param_init(zeros, ("embed", "streams")), (c, n), F32),
                 s_alpha=self.param("s_alpha", scale, (), F32),
                 s_beta=self.param("s_beta", scale, (), F32),
             )
         h_pre, h_post, h_res = hc_mappings(x, b_pre, b_post, b_res, dyn, norm_eps=self.norm_eps)
         _sow_coefficients(self, h_pre, h_post, h_res)
-        f = branch(apply_pre(h_pre, x))
+        f = _run_branch(branch, apply_pre(h_pre, x))
         return apply_post_res(h_res, h_post, x, f)
 
 
 class ManifoldHyperConnection(nn.Module):
     """mHC (Xie et al.) around one sub-layer (SPEC §4).
+
+    ``phi`` is stored as (n, C, n*n + 2n), the row-major reshape of SPEC's
+    (n*C, n*n + 2n), so that its C axis can be sharded like the streams' C.
 
     Attributes:
       layer_index: sub-layer index k (used by the residual init).
@@ -271,6 +315,8 @@ class ManifoldHyperConnection(nn.Module):
         (all biases 0).
       alpha_init: init of the three logit scales.
       impl: "xla" (pure jnp), "pallas" or "pallas_interpret" (fused kernels).
+      residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
+        (C split) or "sequence" (T split); read only when a mesh is active.
     """
 
     layer_index: int
@@ -279,49 +325,33 @@ class ManifoldHyperConnection(nn.Module):
     init: str = "residual"
     alpha_init: float = 0.01
     impl: str = "xla"
+    residual_shard: str = "hidden"
 
     @nn.compact
     def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        from mhc_jax import partitioned  # imports this module: a function-level import
+
         n, c = _check_streams("ManifoldHyperConnection", x)
         if self.init not in MHC_INITS:
             raise ValueError(
                 f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
             )
         width = n * n + 2 * n
-        phi = self.param("phi", nn.initializers.zeros_init(), (n * c, width), F32)
+        zeros = nn.initializers.zeros_init()
+        phi = self.param("phi", _param_init(zeros, ("streams", "embed", "coeffs")), (n, c, width))
         if self.init == "residual":
-            bias = self.param("bias", lambda _: residual_init_bias(n, self.layer_index))
+            init_bias = lambda *_: residual_init_bias(n, self.layer_index)
         else:
-            bias = self.param("bias", nn.initializers.zeros_init(), (width,), F32)
+            init_bias = lambda *_: jnp.zeros((width,), F32)
+        bias = self.param("bias", _param_init(init_bias, ("coeffs",)))
         alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (3,), F32)
-        ops = _mhc_ops(self.impl)
-        h_pre, h_post, h_res = ops.mhc_mappings(
-            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps
+        # at init the (dummy) batch need not divide the mesh: run unpartitioned
+        layout = dict(
+            impl=self.impl, residual_shard=self.residual_shard, on_mesh=not self.is_initializing()
+        )
+        layer_input, h_pre, h_post, h_res = partitioned.mhc_pre(
+            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout
         )
         _sow_coefficients(self, h_pre, h_post, h_res)
-        f = branch(ops.apply_pre(h_pre, x))
-        return ops.apply_post_res(h_res, h_post, x, f)
-
-
-class _Ops(NamedTuple):
-    mhc_mappings: Callable
-    apply_pre: Callable
-    apply_post_res: Callable
-
-
-def _mhc_ops(impl: str) -> _Ops:
-    """The mHC functions of one implementation (the Pallas ones import lazily)."""
-    if impl not in IMPLS:
-        raise ValueError(f"ManifoldHyperConnection.impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "xla":
-        return _Ops(mhc_mappings, apply_pre, apply_post_res)
-    from pallas_kernels.mhc import api
-
-    def maps(x, phi, bias, alpha, **kw):
-        return api.mhc_mappings(x, phi, bias, alpha, impl=impl, **kw)
-
-    return _Ops(
-        maps,
-        lambda h_pre, x: api.apply_pre(h_pre, x, impl=impl),
-        lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, impl=impl),
-    )
+        f = _run_branch(branch, layer_input)
+        return partitioned.post_res(h_res, h_post, x, f, **layout)

@@ -10,7 +10,6 @@ collection during the ordinary forward pass, so nothing is recomputed:
 
 from __future__ import annotations
 
-import io
 import re
 
 import jax
@@ -25,6 +24,10 @@ _SUBLAYER_ORDER = {"attn_conn": 0, "mlp_conn": 1}
 def collect_coefficients(diagnostics: dict) -> dict[str, jax.Array]:
     """Stacks the sown coefficients of every connection in layer order.
 
+    Works for every block layout of ``model.run_blocks``: blocks named
+    ``block_<i>`` anywhere in the tree, and scanned blocks (under ``scan``)
+    whose leaves carry a leading axis over scan steps.
+
     Args:
       diagnostics: the ``diagnostics`` collection returned by ``LM.apply``.
 
@@ -32,19 +35,40 @@ def collect_coefficients(diagnostics: dict) -> dict[str, jax.Array]:
       {"h_pre": (L, n), "h_post": (L, n), "h_res": (L, n, n),
        "res_row_err": (L,), "res_col_err": (L,)}; empty for a residual model.
     """
-    found = []
-    for block_name, block in diagnostics.items():
-        m = _BLOCK.match(block_name)
-        if m is None:
-            continue
-        for sub, tree in block.items():
-            if sub in _SUBLAYER_ORDER and "coefficients" in tree:
-                (stats,) = tree["coefficients"]
-                found.append(((int(m.group(1)), _SUBLAYER_ORDER[sub]), stats))
+    found = []  # ((block index, sub-layer), stats)
+
+    def walk(tree, scanned):
+        for name, sub in tree.items():
+            if not isinstance(sub, dict):
+                continue
+            m = _BLOCK.match(name)
+            if m is None:
+                walk(sub, scanned or name == "scan")
+                continue
+            for conn, order in _SUBLAYER_ORDER.items():
+                if "coefficients" not in sub.get(conn, {}):
+                    continue
+                (stats,) = sub[conn]["coefficients"]
+                found.append(((int(m.group(1)), order, scanned), stats))
+
+    walk(diagnostics, False)
     if not found:
         return {}
-    found.sort(key=lambda item: item[0])
-    return {k: jnp.stack([stats[k] for _, stats in found]) for k in COEFFICIENT_KEYS}
+    unit = (
+        1 + max(block for (block, _, scanned), _ in found if scanned)
+        if any(key[2] for key, _ in found)
+        else 0
+    )
+    layers = []
+    for (block, order, scanned), stats in found:
+        if not scanned:
+            layers.append(((block, order), stats))
+            continue
+        steps = jax.tree.leaves(stats)[0].shape[0]
+        for u in range(steps):
+            layers.append(((u * unit + block, order), jax.tree.map(lambda v, u=u: v[u], stats)))
+    layers.sort(key=lambda item: item[0])
+    return {k: jnp.stack([stats[k] for _, stats in layers]) for k in COEFFICIENT_KEYS}
 
 
 def amax_gain(m: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -123,16 +147,18 @@ def heatmap_image(h_res, max_cols: int = 8) -> np.ndarray:
     Returns:
       (H, W, 3) uint8 image, e.g. for TensorBoard's ``add_image(..., dataformats="HWC")``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure with its own Agg canvas: no pyplot state, no global backend switch
+    # (a notebook that trains in-process keeps its inline plots).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     h_res = np.asarray(h_res, dtype=np.float32)
     num = h_res.shape[0]
     cols = min(max_cols, num)
     rows = -(-num // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * rows), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     vmax = max(1.0, float(np.abs(h_res).max()))
     for idx, ax in enumerate(axes.flat):
         ax.set_axis_off()
@@ -140,8 +166,5 @@ def heatmap_image(h_res, max_cols: int = 8) -> np.ndarray:
             ax.imshow(h_res[idx], cmap="viridis", vmin=0.0, vmax=vmax)
             ax.set_title(f"layer {idx}", fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    buf.seek(0)
-    return np.asarray(plt.imread(buf)[..., :3] * 255, dtype=np.uint8)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -14,6 +14,11 @@ from jax import lax
 F32 = jnp.float32
 
 
+def _init(std: float, axes: tuple):
+    """Normal(std) initialiser annotated with logical axis names (see sharding.py)."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis with a learned scale: (..., C) -> (..., C) in ``dtype``."""
 
@@ -23,7 +28,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+        scale = self.param("scale", ones, (x.shape[-1],), self.param_dtype)
         xf = x.astype(F32)
         y = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(F32)).astype(self.dtype)
@@ -56,27 +62,24 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        head_dim = c // self.num_heads
-        qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim),
-            use_bias=False,
-            kernel_init=nn.initializers.normal(self.init_std),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="qkv",
-        )(x)
-        q, k, v = (qkv[:, :, i] for i in range(3))
-        q, k = rope(q, self.rope_base), rope(k, self.rope_base)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return nn.DenseGeneral(
-            c,
-            axis=(-2, -1),
-            use_bias=False,
-            kernel_init=nn.initializers.normal(self.out_init_std),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
-        )(out)
+        h, d = self.num_heads, c // self.num_heads
+        w_qkv = self.param(
+            "qkv",
+            _init(self.init_std, ("embed", "qkv", "heads", "head_dim")),
+            (c, 3, h, d),
+            self.param_dtype,
+        )
+        w_out = self.param(
+            "out",
+            _init(self.out_init_std, ("heads", "head_dim", "embed")),
+            (h, d, c),
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        qkv = jnp.einsum("btc,cphd->pbthd", x, w_qkv.astype(self.dtype))
+        q, k = rope(qkv[0], self.rope_base), rope(qkv[1], self.rope_base)
+        out = jax.nn.dot_product_attention(q, k, qkv[2], is_causal=True)
+        return jnp.einsum("bthd,hdc->btc", out, w_out.astype(self.dtype))
 
 
 class SwiGLU(nn.Module):
@@ -90,16 +93,17 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        def dense(features, std, name):
+        def dense(features, std, axes, name):
             return nn.Dense(
                 features,
                 use_bias=False,
-                kernel_init=nn.initializers.normal(std),
+                kernel_init=_init(std, axes),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
             )
 
-        gate = dense(self.d_ff, self.init_std, "gate")(x)
-        up = dense(self.d_ff, self.init_std, "up")(x)
-        return dense(x.shape[-1], self.out_init_std, "down")(jax.nn.silu(gate) * up)
+        gate = dense(self.d_ff, self.init_std, ("embed", "mlp"), "gate")(x)
+        up = dense(self.d_ff, self.init_std, ("embed", "mlp"), "up")(x)
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return dense(x.shape[-1], self.out_init_std, ("mlp", "embed"), "down")(h)

@@ -8,11 +8,13 @@ or SIGINT finishes the current step, saves and returns normally.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,8 +28,9 @@ from mhc_jax.diagnostics import gain_profile, heatmap_image
 from mhc_jax.logging import MetricsLogger
 from mhc_jax.optim import learning_rate_schedule, make_optimizer
 from mhc_jax.sampling import generate
+from mhc_jax.sharding import check_model_fits
 from mhc_jax.train import (
-    Placement,
+    Layout,
     eval_metrics,
     init_train_state,
     make_eval_step,
@@ -59,10 +62,10 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _evaluate(eval_step, params, batches, placement) -> dict[str, float]:
+def _evaluate(eval_step, params, batches, layout) -> dict[str, float]:
     loss_sum = weight_sum = 0.0
     for batch in batches:
-        loss, weight = eval_step(params, placement.put_batch(batch))
+        loss, weight = eval_step(params, layout.put_batch(batch))
         loss_sum += float(loss)
         weight_sum += float(weight)
     return eval_metrics(loss_sum, weight_sum)
@@ -70,16 +73,19 @@ def _evaluate(eval_step, params, batches, placement) -> dict[str, float]:
 
 def _sample(params, model_cfg, t_cfg) -> str:
     tok = data_lib.ByteTokenizer()
-    prompt = tok.encode(t_cfg.sample_prompt, add_bos=True)[None, :]
-    out = generate(
-        params,
-        model_cfg,
-        jnp.asarray(prompt),
-        t_cfg.sample_tokens,
-        rng=jax.random.key(t_cfg.seed + 1),
-        temperature=t_cfg.sample_temperature,
-        top_k=t_cfg.sample_top_k,
-    )
+    prompt = jnp.asarray(tok.encode(t_cfg.sample_prompt, add_bos=True)[None, :])
+    # One sequence cannot be split over the mesh: sample outside it (XLA places
+    # the computation from the sharded parameters).
+    with jax.set_mesh(None), nn.logical_axis_rules(()):
+        out = generate(
+            params,
+            model_cfg,
+            prompt,
+            t_cfg.sample_tokens,
+            rng=jax.random.key(t_cfg.seed + 1),
+            temperature=t_cfg.sample_temperature,
+            top_k=t_cfg.sample_top_k,
+        )
     return tok.decode(np.asarray(out[0]))
 
 
@@ -102,14 +108,27 @@ def load_run(workdir: str, step: int | None = None):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
+    Parameters and optimiser state are laid out on the mesh of ``config.sharding``
+    by their logical axes; batches are split over ``data`` x ``fsdp``.
+
     Returns:
       The final metrics: train ``loss``, ``val_loss``, ``val_bits_per_byte``,
-      ``steps``, ``wall_s``, ``nonfinite_total`` and, if stopped by a signal, ``preempted``.
+      ``steps``, ``wall_s``, ``nonfinite_total``, a ``sample`` and, if stopped by a
+      signal, ``preempted``.
     """
-    start_time = time.time()
     model_cfg = config_lib.model_config(config)
+    layout = Layout.create(config_lib.mesh_config(config), model_cfg)
+    data_shards = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+    config_lib.validate(config, data_shards, jax.process_count())
+    check_model_fits(layout.mesh, model_cfg, config.data.seq_len, config.data.batch_size)
+    with layout.activate():
+        return _train_and_evaluate(config, workdir, model_cfg, layout)
+
+
+def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str, float]:
+    start_time = time.time()
+    workdir = os.path.abspath(workdir)
     opt_cfg = config_lib.optimizer_config(config)
-    config_lib.validate(config, jax.device_count(), jax.process_count())
     if model_cfg.vocab_size < data_lib.VOCAB_SIZE:
         raise ValueError(
             f"model.vocab_size={model_cfg.vocab_size} is invalid: must be >= the tokenizer's "
@@ -143,12 +162,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_count=jax.process_count(),
     )
 
-    placement = Placement.over_all_devices()
     tx = make_optimizer(opt_cfg, t_cfg.num_steps)
     schedule = learning_rate_schedule(opt_cfg, t_cfg.num_steps)
-    state = jax.jit(
-        lambda: init_train_state(model_cfg, tx, t_cfg.seed), out_shardings=placement.replicated
-    )()
+    init = functools.partial(init_train_state, model_cfg, tx, t_cfg.seed)
+    state_shardings = layout.state_shardings(jax.eval_shape(lambda: init(boxed=True)))
+    state = jax.jit(init, out_shardings=state_shardings)()
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep_last=t_cfg.keep_last,
@@ -166,11 +184,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     step_fn = jax.jit(
         make_train_step(model_cfg, tx, opt_cfg.grad_accum_steps),
-        in_shardings=(placement.replicated, placement.batch),
-        out_shardings=(placement.replicated, placement.replicated),
+        in_shardings=(state_shardings, layout.batch),
+        out_shardings=(state_shardings, layout.replicated),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(make_eval_step(model_cfg))
+    eval_step = jax.jit(
+        make_eval_step(model_cfg),
+        in_shardings=(state_shardings.params, layout.batch),
+        out_shardings=layout.replicated,
+    )
     logger = MetricsLogger(
         workdir,
         enabled=is_main,
@@ -224,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preempted = False
     with _StopRequest() as stop:
         for step in range(start_step + 1, t_cfg.num_steps + 1):
-            batch = placement.put_batch(next(train_iter))
+            batch = layout.put_batch(next(train_iter))
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 process(*pending)
@@ -232,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last = step == t_cfg.num_steps
             val = None
             if step % t_cfg.eval_every == 0 or last:
-                val = _evaluate(eval_step, state.params, eval_batches, placement)
+                val = _evaluate(eval_step, state.params, eval_batches, layout)
                 logger.scalars(step, "validation", val)
                 result.update(val_loss=val["loss"], val_bits_per_byte=val["bits_per_byte"])
             if step % t_cfg.checkpoint_every == 0 or last or stop.requested:

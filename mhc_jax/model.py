@@ -24,14 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mhc_jax import remat as remat_lib
 from mhc_jax.connections import (
     IMPLS,
     MHC_INITS,
+    RESIDUAL_SHARDS,
     HyperConnection,
     ManifoldHyperConnection,
     Residual,
 )
 from mhc_jax.layers import CausalSelfAttention, RMSNorm, SwiGLU
+from mhc_jax.sharding import strip_boxes
 
 CONNECTIONS = ("residual", "hc", "mhc")
 STREAM_REDUCTIONS = ("sum", "mean", "learned")
@@ -67,6 +70,14 @@ class ModelConfig:
       rope_base: RoPE frequency base.
       norm_eps: RMSNorm epsilon.
       init_std: std of the embedding and dense kernels.
+      remat: rematerialisation policy: "none" | "full" | "save_dots" | "mhc_blocks"
+        (see remat.py).
+      remat_layers: L_r of "mhc_blocks" in layers (0: round(sqrt(n L / (n + 2)))).
+      scan_layers: run the blocks with ``nn.scan`` (one compiled body; faster
+        compiles at depth). The scanned unit is a whole round-robin period of
+        layers, so num_blocks must be a multiple of it (see ``scan_unit``).
+      residual_shard: the streams' layout on a mesh's tensor axis: "hidden" (C)
+        or "sequence" (T); see sharding.py.
     """
 
     vocab_size: int = 259
@@ -91,6 +102,10 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    remat: str = "none"
+    remat_layers: int = 0
+    scan_layers: bool = False
+    residual_shard: str = "hidden"
 
     def __post_init__(self):
         def fail(field, allowed):
@@ -110,6 +125,8 @@ class ModelConfig:
             "dtype": DTYPES,
             "param_dtype": DTYPES,
             "impl": IMPLS,
+            "remat": remat_lib.POLICIES,
+            "residual_shard": RESIDUAL_SHARDS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -123,11 +140,30 @@ class ModelConfig:
         for field in ("mhc_norm_eps", "norm_eps", "init_std", "rope_base"):
             if not getattr(self, field) > 0:
                 fail(field, "> 0")
+        if not isinstance(self.remat_layers, int) or self.remat_layers < 0:
+            fail("remat_layers", "an integer >= 0 (0 = the paper's default)")
+        if self.scan_layers and self.num_blocks % self.scan_unit:
+            fail(
+                "num_blocks",
+                f"a multiple of {self.scan_unit} when scan_layers=True (the round-robin period "
+                f"of n={self.n} and the remat group of {self.blocks_per_group} blocks)",
+            )
 
     @property
     def num_layers(self) -> int:
         """L: connection layers (two sub-layers per block)."""
         return 2 * self.num_blocks
+
+    @property
+    def blocks_per_group(self) -> int:
+        """Blocks per rematerialised group (1 unless remat="mhc_blocks")."""
+        return remat_lib.blocks_per_group(self.remat, self.n, self.num_blocks, self.remat_layers)
+
+    @property
+    def scan_unit(self) -> int:
+        """Blocks per scanned step: a multiple of both the remat group and the
+        round-robin period (layer k reads stream k mod n: n // gcd(n, 2) blocks)."""
+        return math.lcm(self.blocks_per_group, self.n // math.gcd(self.n, 2))
 
     @property
     def activation_dtype(self) -> jnp.dtype:
@@ -157,6 +193,7 @@ def make_connection(config: ModelConfig, layer_index: int, name: str) -> nn.Modu
         init=config.mhc_init,
         alpha_init=config.mhc_alpha_init,
         impl=config.impl,
+        residual_shard=config.residual_shard,
         name=name,
     )
 
@@ -181,6 +218,61 @@ class Block(nn.Module):
         return make_connection(cfg, 2 * self.index + 1, "mlp_conn")(x, lambda h: mlp(mlp_norm(h)))
 
 
+STREAM_AXES = ("batch", "seq", "streams", "act_embed")
+
+
+class BlockGroup(nn.Module):
+    """``size`` consecutive blocks starting at ``first``: (B, T, n, C) -> same.
+
+    The unit of rematerialisation and of ``nn.scan``; the signature
+    ``(x, _) -> (x, None)`` is the one ``nn.scan`` needs.
+    """
+
+    config: ModelConfig
+    first: int
+    size: int
+    remat_each_block: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None):
+        block_cls = Block
+        if self.remat_each_block:
+            block_cls = nn.remat(Block, policy=remat_lib.checkpoint_policy(self.config.remat))
+        for j in range(self.first, self.first + self.size):
+            x = block_cls(self.config, j, name=f"block_{j}")(x)
+            x = nn.with_logical_constraint(x, STREAM_AXES)
+        return x, None
+
+
+def run_blocks(config: ModelConfig, x: jax.Array) -> jax.Array:
+    """All blocks, grouped for rematerialisation and optionally scanned (call from a
+    compact method: the groups become submodules of the caller)."""
+    per_group = config.blocks_per_group
+    group_remat = config.remat != "none" and per_group > 1
+    policy = remat_lib.checkpoint_policy(config.remat)
+    remat_blocks = config.remat != "none" and not group_remat
+    group_cls = (
+        nn.remat(BlockGroup, policy=policy, prevent_cse=not config.scan_layers)
+        if group_remat
+        else BlockGroup
+    )
+    if config.scan_layers:
+        unit = config.scan_unit
+        scanned = nn.scan(
+            group_cls,
+            variable_axes={"params": 0, "diagnostics": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=config.num_blocks // unit,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = scanned(config, 0, unit, remat_blocks, name="scan")(x, None)
+        return x
+    for g, first in enumerate(range(0, config.num_blocks, per_group)):
+        size = min(per_group, config.num_blocks - first)
+        x, _ = group_cls(config, first, size, remat_blocks, name=f"group_{g}")(x)
+    return x
+
+
 class LM(nn.Module):
     """The language model: tokens (B, T) int32 -> logits (B, T, vocab_size) fp32."""
 
@@ -192,15 +284,16 @@ class LM(nn.Module):
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,
-            embedding_init=nn.initializers.normal(cfg.init_std),
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.init_std), ("vocab", "embed")
+            ),
             dtype=cfg.activation_dtype,
             param_dtype=cfg.weight_dtype,
             name="embed",
         )
         h = embed(tokens)
         x = jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], cfg.n, cfg.d_model))
-        for i in range(cfg.num_blocks):
-            x = Block(cfg, i, name=f"block_{i}")(x)
+        x = run_blocks(cfg, nn.with_logical_constraint(x, STREAM_AXES))
         h = self.reduce_streams(x)
         h = RMSNorm(cfg.norm_eps, cfg.activation_dtype, cfg.weight_dtype, name="final_norm")(h)
         if cfg.tie_embeddings:
@@ -209,7 +302,9 @@ class LM(nn.Module):
             logits = nn.Dense(
                 cfg.vocab_size,
                 use_bias=False,
-                kernel_init=nn.initializers.normal(cfg.init_std),
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.init_std), ("embed", "vocab")
+                ),
                 dtype=cfg.activation_dtype,
                 param_dtype=cfg.weight_dtype,
                 name="lm_head",
@@ -223,7 +318,8 @@ class LM(nn.Module):
             return jnp.sum(x, axis=-2, dtype=x.dtype)
         if mode == "mean":
             return jnp.mean(x, axis=-2, dtype=x.dtype)
-        logits = self.param("stream_weights", nn.initializers.zeros_init(), (x.shape[-2],))
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("streams",))
+        logits = self.param("stream_weights", zeros, (x.shape[-2],))
         w = jax.nn.sigmoid(logits).astype(jnp.float32)
         return jnp.sum(x.astype(jnp.float32) * w[:, None], axis=-2).astype(x.dtype)
 
@@ -231,7 +327,7 @@ class LM(nn.Module):
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
     """Initial parameters of ``LM(config)`` (a pytree of ``param_dtype`` arrays)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return LM(config).init(rng, tokens)["params"]
+    return strip_boxes(LM(config).init(rng, tokens)["params"])
 
 
 def count_params(params) -> dict[str, int]:

@@ -96,7 +96,8 @@ def decay_mask(params) -> dict:
     """True for leaves that get weight decay: arrays with ndim >= 2 except HC's b_res."""
 
     def is_decayed(path, leaf):
-        name = getattr(path[-1], "key", str(path[-1]))
+        # the last dict key names the parameter (boxed params add a ``.value`` step)
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
         return leaf.ndim >= 2 and name not in NO_DECAY_MATRICES
 
     return jax.tree_util.tree_map_with_path(is_decayed, params)

@@ -6,16 +6,19 @@ The loop itself lives in ``mhc_jax.loop``; experiment scripts call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mhc_jax import diagnostics
+from mhc_jax import sharding as sharding_lib
 from mhc_jax.model import LM, ModelConfig
 from mhc_jax.optim import global_norm
 
@@ -34,12 +37,19 @@ class TrainState:
     nonfinite_streak: jax.Array  # () int32: consecutive skipped updates
 
 
-def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
-    """Fresh state: params from ``seed``, optimiser state, a data-independent RNG."""
+def init_train_state(
+    model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, *, boxed: bool = False
+):
+    """Fresh state: params from ``seed``, optimiser state, a data-independent RNG.
+
+    With ``boxed=True`` parameters and the optimiser moments stay wrapped in
+    Flax's ``LogicallyPartitioned`` boxes (for ``sharding.tree_shardings``).
+    """
     init_key, rng = jax.random.split(jax.random.key(seed))
     params = LM(model_cfg).init(init_key, jnp.zeros((1, 8), jnp.int32))["params"]
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, tx.init(params), rng, zero, zero)
+    state = TrainState(zero, params, tx.init(params), rng, zero, zero)
+    return state if boxed else sharding_lib.strip_boxes(state)
 
 
 def weighted_cross_entropy(logits, targets, weights) -> tuple[jax.Array, jax.Array]:
@@ -135,28 +145,42 @@ def eval_metrics(loss_sum: float, weight_sum: float) -> dict[str, float]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where arrays live: a 1-D ``data`` mesh over every device (data parallelism).
+class Layout:
+    """Where arrays live: the mesh, the logical-axis rules and the shardings they give.
 
-    The batch is split over ``data``; parameters and optimiser state are replicated.
+    Use ``with layout.activate():`` around tracing, so that the model's logical
+    constraints and the mHC shard_map see the mesh and the rules.
     """
 
     mesh: Mesh
+    rules: tuple
+    residual_shard: str
 
     @classmethod
-    def over_all_devices(cls) -> Placement:
-        return cls(Mesh(jax.devices(), ("data",)))
+    def create(cls, mesh_cfg: sharding_lib.MeshConfig, model_cfg: ModelConfig, devices=None):
+        mesh = sharding_lib.make_mesh(mesh_cfg, devices)
+        rules = sharding_lib.logical_rules(model_cfg.residual_shard)
+        return cls(mesh, rules, model_cfg.residual_shard)
+
+    @contextlib.contextmanager
+    def activate(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     @property
     def batch(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec("data"))
+        return sharding_lib.batch_sharding(self.mesh, self.residual_shard)
 
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
+    def state_shardings(self, abstract_boxed_state):
+        """Shardings of the (unboxed) train state from its boxed abstract version."""
+        return sharding_lib.tree_shardings(abstract_boxed_state, self.mesh, self.rules)
+
     def put_batch(self, local_batch: dict) -> dict:
-        """Host-local numpy batch -> global jax arrays sharded over ``data``."""
+        """Host-local numpy batch -> global jax arrays laid out as ``self.batch``."""
         return {
             k: jax.make_array_from_process_local_data(self.batch, v) for k, v in local_batch.items()
         }

@@ -35,7 +35,8 @@ def final_streams(cfg, params, toks):
     _, state = jax.jit(LM(cfg).apply, static_argnames=("capture_intermediates", "mutable"))(
         {"params": params}, toks, capture_intermediates=True, mutable=("intermediates",)
     )
-    return state["intermediates"][f"block_{cfg.num_blocks - 1}"]["__call__"][0]
+    last = cfg.num_blocks - 1
+    return state["intermediates"][f"group_{last}"][f"block_{last}"]["__call__"][0]
 
 
 def residual_and(connection, **kw):

@@ -135,7 +135,7 @@ def test_validate_names_the_field(field, value, match):
     section, name = field.split(".")
     cfg[section][name] = value
     with pytest.raises(ValueError, match=match):
-        config_lib.validate(cfg, num_devices=8, process_count=1)
+        config_lib.validate(cfg, data_shards=8, process_count=1)
 
 
 def test_optimizer_config_errors_and_decay_mask():
@@ -148,9 +148,10 @@ def test_optimizer_config_errors_and_decay_mask():
     )
     state = init_train_state(cfg, make_optimizer(OptimizerConfig(), 10), 0)
     mask = decay_mask(state.params)
-    conn = mask["block_0"]["attn_conn"]
+    block = mask["group_0"]["block_0"]
+    conn = block["attn_conn"]
     assert conn["w_res"] and not conn["b_res"] and not conn["b_pre"] and not conn["s_alpha"]
-    assert mask["block_0"]["mlp"]["up"]["kernel"] and not mask["block_0"]["attn_norm"]["scale"]
+    assert block["mlp"]["up"]["kernel"] and not block["attn_norm"]["scale"]
     assert mask["embed"]["embedding"]
 
 

@@ -1,0 +1,58 @@
+"""Rematerialisation policies, chosen by name (``ModelConfig.remat``).
+
+Each policy wraps groups of consecutive transformer blocks in ``jax.checkpoint``
+(``nn.remat``); what a group keeps for the backward pass:
+
+- ``none``: everything (no rematerialisation).
+- ``full``: only each block's input streams (n*C per token); all else recomputed.
+- ``save_dots``: each block's input and every matmul output without batch dims
+  (projections, MLP, mHC's ``x @ phi``); elementwise work, norms, attention
+  scores, Sinkhorn and the stream mixing are recomputed.
+- ``mhc_blocks``: mHC paper §4.3.2 (SPEC §8): groups of L_r consecutive layers
+  keep only the group's input streams and each layer's sub-layer output F(.)
+  (named ``branch_out``), plus F's own matmul outputs as in ``save_dots``;
+  everything mHC (mapping, Sinkhorn, pre, post-res, the streams inside the
+  group) is recomputed. L_r defaults to round(sqrt(n L / (n + 2))) layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from mhc_jax.connections import BRANCH_OUTPUT
+
+POLICIES = ("none", "full", "save_dots", "mhc_blocks")
+
+
+def checkpoint_policy(name: str):
+    """The ``jax.checkpoint`` policy of ``name`` (None for "none")."""
+    cp = jax.checkpoint_policies
+    if name not in POLICIES:
+        raise ValueError(f"remat policy must be one of {POLICIES}, got {name!r}")
+    return {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "save_dots": cp.dots_with_no_batch_dims_saveable,
+        "mhc_blocks": cp.save_from_both_policies(
+            cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(BRANCH_OUTPUT)
+        ),
+    }[name]
+
+
+def default_recompute_layers(n: int, num_layers: int) -> int:
+    """The paper's best block length L_r = round(sqrt(n L / (n + 2))), in layers (>= 1)."""
+    return max(1, round(math.sqrt(n * num_layers / (n + 2))))
+
+
+def blocks_per_group(name: str, n: int, num_blocks: int, recompute_layers: int = 0) -> int:
+    """Transformer blocks (two layers each) per checkpointed group.
+
+    ``mhc_blocks`` groups ceil(L_r / 2) blocks (L_r = ``recompute_layers``, or the
+    default when 0), capped at ``num_blocks``; the other policies group one block.
+    """
+    if name != "mhc_blocks":
+        return 1
+    layers = recompute_layers or default_recompute_layers(n, 2 * num_blocks)
+    return min(num_blocks, max(1, math.ceil(layers / 2)))
