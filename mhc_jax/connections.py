@@ -26,7 +26,7 @@ from mhc_jax.sinkhorn import sinkhorn_knopp
 
 F32 = jnp.float32
 MHC_INITS = ("residual", "uniform")
-IMPLS = ("xla", "pallas", "pallas_interpret")
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 RESIDUAL_SHARDS = ("hidden", "sequence")
 ROUND_ROBIN_EPS = 0.01  # SPEC §4: the off-stream read weight of the residual init.
 RES_DIAGONAL = 0.9  # SPEC §4: h_res diagonal at the residual init.
@@ -314,7 +314,8 @@ class ManifoldHyperConnection(nn.Module):
       init: "residual" (starts as a pre-norm residual network) or "uniform"
         (all biases 0).
       alpha_init: init of the three logit scales.
-      impl: "xla" (pure jnp), "pallas" or "pallas_interpret" (fused kernels).
+      impl: "auto" (Pallas kernels on GPU and TPU, pure jnp elsewhere), "xla",
+        "pallas" or "pallas_interpret" (the kernels run by the Pallas interpreter).
       residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
         (C split) or "sequence" (T split); read only when a mesh is active.
     """
@@ -324,7 +325,7 @@ class ManifoldHyperConnection(nn.Module):
     norm_eps: float = 1e-6
     init: str = "residual"
     alpha_init: float = 0.01
-    impl: str = "xla"
+    impl: str = "auto"
     residual_shard: str = "hidden"
 
     @nn.compact
@@ -345,9 +346,11 @@ class ManifoldHyperConnection(nn.Module):
             init_bias = lambda *_: jnp.zeros((width,), F32)
         bias = self.param("bias", _param_init(init_bias, ("coeffs",)))
         alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (3,), F32)
-        # at init the (dummy) batch need not divide the mesh: run unpartitioned
+        # At init only shapes matter: pure jnp, unpartitioned (the dummy batch need
+        # not divide the mesh, and no kernel is compiled).
+        init = self.is_initializing()
         layout = dict(
-            impl=self.impl, residual_shard=self.residual_shard, on_mesh=not self.is_initializing()
+            impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
         layer_input, h_pre, h_post, h_res = partitioned.mhc_pre(
             x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout

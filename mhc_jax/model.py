@@ -66,7 +66,8 @@ class ModelConfig:
       tie_embeddings: LM head shares the embedding matrix.
       dtype: activation dtype ("bfloat16" for mixed precision).
       param_dtype: parameter (master weight) dtype.
-      impl: mHC implementation: "xla" | "pallas" | "pallas_interpret".
+      impl: mHC implementation: "auto" (Pallas kernels on GPU/TPU, else XLA) |
+        "xla" | "pallas" | "pallas_interpret".
       rope_base: RoPE frequency base.
       norm_eps: RMSNorm epsilon.
       init_std: std of the embedding and dense kernels.
@@ -98,7 +99,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
-    impl: str = "xla"
+    impl: str = "auto"
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02

@@ -46,10 +46,12 @@ def _xla_mappings_and_pre(x, phi, bias, alpha, **kw):
 
 
 def mhc_ops(impl: str) -> Ops:
-    """Ops of ``impl``: "xla" (pure jnp) or "pallas" / "pallas_interpret" (kernels; the
-    mapping and pre are then one fused kernel)."""
+    """Ops of ``impl``: "xla" (pure jnp), "pallas" / "pallas_interpret" (kernels; the
+    mapping and pre are then one fused kernel) or "auto" (Pallas on GPU and TPU)."""
     if impl not in connections.IMPLS:
         raise ValueError(f"mHC impl must be one of {connections.IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
     if impl == "xla":
         return Ops(_xla_mappings_and_pre, connections.apply_pre, connections.apply_post_res)
     from pallas_kernels.mhc import api
