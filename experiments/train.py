@@ -10,7 +10,6 @@ Re-running the same command resumes from the workdir's newest checkpoint.
 a memory estimate, then exits without allocating the model.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -18,6 +17,7 @@ from ml_collections import config_flags
 
 from mhc_jax import config as config_lib
 from mhc_jax import costs
+from mhc_jax.sharding import launched_multiprocess
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).")
@@ -29,15 +29,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "jax.distributed.initialize(): 'auto' calls it when the environment shows a "
     "multi-process launch (TPU pod, SLURM with several tasks, an explicit coordinator).",
 )
-
-
-def launched_multiprocess(env=os.environ) -> bool:
-    """True when the environment describes a job of several processes."""
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return True
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return True
-    return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
 def _explain_unknown_overrides(argv) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -150,3 +151,14 @@ def batch_sharding(mesh: Mesh, residual_shard: str) -> NamedSharding:
     """(B, T) token batches: B over data x fsdp; T over tensor in sequence mode."""
     seq = "tensor" if residual_shard == "sequence" else None
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), seq))
+
+
+def launched_multiprocess(env=None) -> bool:
+    """True when the environment (default ``os.environ``) describes a job of several
+    processes: then ``jax.distributed.initialize()`` must run before JAX is used."""
+    env = os.environ if env is None else env
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1

@@ -346,3 +346,13 @@ def test_tensorboard_events_and_sample(tmp_path, data_dir):
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
     assert (tmp_path / "sample.txt").read_text() == result["sample"]
     assert result["sample"].startswith("ROMEO:") and len(result["sample"]) > len("ROMEO:")
+
+
+def test_multiprocess_launch_detection():
+    from mhc_jax.sharding import launched_multiprocess as detect
+
+    assert not detect({})
+    assert not detect({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+    assert detect({"SLURM_NTASKS": "4"})
+    assert detect({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"})
+    assert detect({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
