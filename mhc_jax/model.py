@@ -33,7 +33,7 @@ from mhc_jax.connections import (
     ManifoldHyperConnection,
     Residual,
 )
-from mhc_jax.layers import CausalSelfAttention, RMSNorm, SwiGLU
+from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
 
 CONNECTIONS = ("residual", "hc", "mhc")
@@ -68,6 +68,8 @@ class ModelConfig:
       param_dtype: parameter (master weight) dtype.
       impl: mHC implementation: "auto" (Pallas kernels on GPU/TPU, else XLA) |
         "xla" | "pallas" | "pallas_interpret".
+      attention: "auto" (cuDNN flash attention on GPUs with 16-bit activations,
+        else XLA) | "xla" | "cudnn" (see ``layers.attention_impl``).
       rope_base: RoPE frequency base.
       norm_eps: RMSNorm epsilon.
       init_std: std of the embedding and dense kernels.
@@ -100,6 +102,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     impl: str = "auto"
+    attention: str = "auto"
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -126,6 +129,7 @@ class ModelConfig:
             "dtype": DTYPES,
             "param_dtype": DTYPES,
             "impl": IMPLS,
+            "attention": ATTENTION_IMPLS,
             "remat": remat_lib.POLICIES,
             "residual_shard": RESIDUAL_SHARDS,
         }
@@ -136,6 +140,10 @@ class ModelConfig:
             fail("num_heads", f"a divisor of d_model={self.d_model}")
         if (self.d_model // self.num_heads) % 2:
             fail("num_heads", f"such that d_model/num_heads is even (RoPE); d_model={self.d_model}")
+        if self.attention == "cudnn" and (
+            self.activation_dtype.itemsize != 2 or self.d_model // self.num_heads > 128
+        ):
+            fail("attention", "'xla' or 'auto' unless dtype is 16-bit and d_model/num_heads <= 128")
         if self.connection == "residual" and self.n != 1:
             fail("n", "1 when connection='residual' (use 'hc' or 'mhc' for n > 1)")
         for field in ("mhc_norm_eps", "norm_eps", "init_std", "rope_base"):
@@ -212,7 +220,9 @@ class Block(nn.Module):
         out_std = cfg.init_std / (math.sqrt(cfg.n) if cfg.scale_output_init else 1.0)
         mlp_kw = dict(init_std=cfg.init_std, out_init_std=out_std, **kw)
         attn_norm = RMSNorm(cfg.norm_eps, name="attn_norm", **kw)
-        attn = CausalSelfAttention(cfg.num_heads, cfg.rope_base, name="attn", **mlp_kw)
+        attn = CausalSelfAttention(
+            cfg.num_heads, cfg.attention, cfg.rope_base, name="attn", **mlp_kw
+        )
         mlp_norm = RMSNorm(cfg.norm_eps, name="mlp_norm", **kw)
         mlp = SwiGLU(cfg.d_ff, name="mlp", **mlp_kw)
         x = make_connection(cfg, 2 * self.index, "attn_conn")(x, lambda h: attn(attn_norm(h)))

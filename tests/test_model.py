@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from mhc_jax.diagnostics import collect_coefficients
+from mhc_jax.layers import attention_impl
 from mhc_jax.model import LM, ModelConfig, count_params, init_params
 
 SMALL = dict(vocab_size=64, num_blocks=3, d_model=32, num_heads=4, d_ff=64)
@@ -185,6 +186,8 @@ def test_param_counts():
         (dict(stream_reduce="max"), r"ModelConfig.stream_reduce='max' is invalid"),
         (dict(dtype="fp8"), r"ModelConfig.dtype='fp8' is invalid"),
         (dict(impl="cuda"), r"ModelConfig.impl='cuda' is invalid"),
+        (dict(attention="flash"), r"ModelConfig.attention='flash' is invalid"),
+        (dict(attention="cudnn"), r"ModelConfig.attention='cudnn' is invalid: .*16-bit"),
         (dict(num_blocks=-1), r"ModelConfig.num_blocks=-1 is invalid"),
         (dict(mhc_norm_eps=0.0), r"ModelConfig.mhc_norm_eps=0.0 is invalid: must be > 0"),
     ],
@@ -201,3 +204,29 @@ def test_stream_reductions(reduce):
     assert ("stream_weights" in params) == (reduce == "learned")
     logits = LM(cfg).apply({"params": params}, tokens())
     assert logits.shape == (2, 16, 64) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_attention_impl_resolution():
+    on_gpu = jax.default_backend() == "gpu"
+    assert attention_impl("auto", jnp.bfloat16, 128) == ("cudnn" if on_gpu else "xla")
+    assert attention_impl("auto", jnp.float32, 128) == "xla"  # cuDNN: 16-bit only
+    assert attention_impl("auto", jnp.bfloat16, 256) == "xla"  # head size > 128
+    assert attention_impl("xla", jnp.bfloat16, 128) == "xla"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_xla():
+    kw = dict(SMALL, d_model=128, num_heads=2, dtype="bfloat16", connection="mhc", n=4)
+    cfg_x, cfg_c = ModelConfig(attention="xla", **kw), ModelConfig(attention="cudnn", **kw)
+    params = init_params(cfg_x, jax.random.key(0))
+    toks = tokens(batch=2, seq=128)
+
+    def loss(cfg, p):
+        logits = LM(cfg).apply({"params": p}, toks).astype(jnp.float32)
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    lx, gx = jax.jit(jax.value_and_grad(lambda p: loss(cfg_x, p)))(params)
+    lc, gc = jax.jit(jax.value_and_grad(lambda p: loss(cfg_c, p)))(params)
+    np.testing.assert_allclose(lc, lx, rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
+        assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-6
