@@ -59,12 +59,16 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 peak per device (H100 SXM).")
 _SCAN = flags.DEFINE_bool("scan", True, "Scan over blocks (faster compiles).")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "xla", "cudnn"], "Attention implementation (ModelConfig)."
+)
+_COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "Size of the copy-bandwidth probe (MiB).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
-def copy_bandwidth() -> float:
-    """Measured device copy bandwidth in bytes/s (read + write) of a 1 GiB bf16 array."""
-    x = jnp.ones((1 << 29,), jnp.bfloat16)
+def copy_bandwidth(mib: int) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write) of a ``mib`` MiB bf16 array."""
+    x = jnp.ones((mib << 19,), jnp.bfloat16)
     f = jax.jit(lambda a: -a)
     f(x).block_until_ready()
     times = []
@@ -98,6 +102,7 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         impl=impl,
         remat=remat,
         dtype="bfloat16",
+        attention=_ATTENTION.value,
         scan_layers=_SCAN.value,
         **SHAPES[_SHAPE.value],
     )
@@ -118,9 +123,10 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
+        losses = []  # the first steps' losses: compared across meshes (same seed and batch)
         for _ in range(_WARMUP.value):
             state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
+            losses.append(float(metrics["loss"]))
         times = []
         for _ in range(_STEPS.value):
             t = time.perf_counter()
@@ -136,10 +142,12 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         "mesh": "x".join(map(str, layout.mesh.shape.values())),
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens / step_s,
+        "tokens_per_s_per_device": tokens / step_s / layout.mesh.size,
         "mfu": flops / step_s / devices / (_PEAK.value * 1e12),
         "memory_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
         "compile_s": compile_s,
         "loss": float(metrics["loss"]),
+        "first_losses": losses,
         "params": costs.abstract_param_counts(cfg)["total"],
         "n": n,
     }
@@ -155,7 +163,7 @@ def main(argv):
         "weights": np.ones((_BATCH.value, _SEQ.value), np.float32),
     }
     mesh = tuple(int(s) for s in _MESH.value)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(_COPY_MIB.value)
     print(f"devices: {jax.devices()}  jax {jax.__version__}  copy {bandwidth / 1e12:.2f} TB/s")
     rows = []
     for spec in _VARIANTS.value:
@@ -176,7 +184,7 @@ def main(argv):
         / jax.device_count()
     )
     print(f"\nshape {_SHAPE.value} {SHAPES[_SHAPE.value]}  batch {_BATCH.value} x {_SEQ.value}")
-    cols = ("step ms", "tok/s", "MFU", "mem GiB", "overhead")
+    cols = ("step ms", "tok/s", "tok/s/dev", "MFU", "mem GiB", "overhead", "loss@1")
     print(f"{'variant':34s} {'mesh':7s} " + " ".join(f"{h:>10s}" for h in cols))
     for r in rows:
         if "error" in r:
@@ -185,7 +193,8 @@ def main(argv):
         over = r["step_ms"] / base["step_ms"] - 1
         print(
             f"{r['variant']:34s} {r['mesh']:7s} {r['step_ms']:10.1f} {r['tokens_per_s']:10.0f} "
-            f"{r['mfu']:10.1%} {r['memory_gib']:10.2f} {over:10.1%}"
+            f"{r['tokens_per_s_per_device']:10.0f} {r['mfu']:10.1%} {r['memory_gib']:10.2f} "
+            f"{over:10.1%} {r['first_losses'][-1] if r['first_losses'] else r['loss']:10.5f}"
         )
     if base is not None:
         print(
@@ -205,6 +214,9 @@ def main(argv):
                     "seq": _SEQ.value,
                     "jax": jax.__version__,
                     "device": str(jax.devices()[0].device_kind),
+                    "devices": jax.device_count(),
+                    "mesh_arg": "x".join(map(str, mesh)),
+                    "attention": _ATTENTION.value,
                 },
                 f,
                 indent=1,
