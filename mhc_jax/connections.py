@@ -74,12 +74,22 @@ def mhc_mappings(
     _check_shape("mhc_mappings", "phi", phi, (n * c, width))
     _check_shape("mhc_mappings", "bias", bias, (width,))
     _check_shape("mhc_mappings", "alpha", alpha, (3,))
-    v = x.reshape(*x.shape[:-2], n * c).astype(F32)
+    proj, mean_square = jax.checkpoint(project_streams)(x, phi)
+    return mhc_coefficients(proj, mean_square, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+
+
+# The fp32 math over (..., n, C) below runs under jax.checkpoint: the backward pass
+# recomputes the fp32 upcasts from the 16-bit streams instead of keeping them
+# (4 bytes per stream element for every layer: more than the streams themselves).
+
+
+def project_streams(x: jax.Array, phi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(v @ phi, mean(v**2))`` of the flattened streams v = x (..., n*C), fp32."""
+    v = x.reshape(*x.shape[:-2], -1).astype(F32)
     # Project first, divide by the RMS after: the paper's kernel order, equal to
     # normalising first (SPEC §4). One pass over v gives both reductions.
     proj = jnp.dot(v, phi.astype(F32), preferred_element_type=F32)
-    mean_square = jnp.mean(jnp.square(v), axis=-1, keepdims=True)
-    return mhc_coefficients(proj, mean_square, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+    return proj, jnp.mean(jnp.square(v), axis=-1, keepdims=True)
 
 
 def mhc_coefficients(
@@ -160,20 +170,32 @@ def hc_mappings(
     if dynamic is not None:
         for name, shape in zip(HCDynamicParams._fields, [(c,), (c,), (c,), (c, n), (), ()]):
             _check_shape("hc_mappings", f"dynamic.{name}", getattr(dynamic, name), shape)
-        xf = x.astype(F32)
-        xn = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + norm_eps)
-        xn = xn * dynamic.norm_scale.astype(F32)
-        s_a, s_b = dynamic.s_alpha.astype(F32), dynamic.s_beta.astype(F32)
-        h_pre = h_pre + s_a * jnp.tanh(xn @ dynamic.w_pre.astype(F32))
-        h_post = h_post + s_b * jnp.tanh(xn @ dynamic.w_post.astype(F32))
-        a_res = a_res + s_a * jnp.tanh(xn @ dynamic.w_res.astype(F32))
+        d_pre, d_post, d_res = jax.checkpoint(_hc_dynamic, static_argnums=2)(x, dynamic, norm_eps)
+        h_pre, h_post, a_res = h_pre + d_pre, h_post + d_post, a_res + d_res
     return h_pre, h_post, jnp.swapaxes(a_res, -1, -2)
+
+
+def _hc_dynamic(x: jax.Array, dynamic: HCDynamicParams, norm_eps: float):
+    """HC's input-dependent terms (..., n), (..., n), (..., n, n) in fp32."""
+    xf = x.astype(F32)
+    xn = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + norm_eps)
+    xn = xn * dynamic.norm_scale.astype(F32)
+    s_a, s_b = dynamic.s_alpha.astype(F32), dynamic.s_beta.astype(F32)
+    return (
+        s_a * jnp.tanh(xn @ dynamic.w_pre.astype(F32)),
+        s_b * jnp.tanh(xn @ dynamic.w_post.astype(F32)),
+        s_a * jnp.tanh(xn @ dynamic.w_res.astype(F32)),
+    )
 
 
 def apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:
     """``layer_input = sum_i h_pre[i] x[i]``: (..., n), (..., n, C) -> (..., C) in x.dtype."""
     n, _ = _check_streams("apply_pre", x)
     _check_shape("apply_pre", "h_pre", h_pre, (*x.shape[:-2], n))
+    return jax.checkpoint(_apply_pre)(h_pre, x)
+
+
+def _apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:
     # Broadcast-multiply then reduce: XLA fuses it into one pass over x (an
     # einsum here lowers to a batched matmul that is about 2x slower on GPU).
     out = jnp.sum(h_pre[..., :, None].astype(F32) * x.astype(F32), axis=-2)
@@ -194,6 +216,10 @@ def apply_post_res(h_res: jax.Array, h_post: jax.Array, x: jax.Array, f: jax.Arr
     _check_shape("apply_post_res", "h_res", h_res, (*batch, n, n))
     _check_shape("apply_post_res", "h_post", h_post, (*batch, n))
     _check_shape("apply_post_res", "f", f, (*batch, c))
+    return jax.checkpoint(_apply_post_res)(h_res, h_post, x, f)
+
+
+def _apply_post_res(h_res, h_post, x, f):
     mixed = jnp.sum(h_res[..., :, :, None].astype(F32) * x[..., None, :, :].astype(F32), axis=-2)
     out = mixed + h_post[..., :, None].astype(F32) * f[..., None, :].astype(F32)
     return out.astype(x.dtype)

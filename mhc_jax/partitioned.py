@@ -24,7 +24,6 @@ from jax.sharding import PartitionSpec as P
 
 from mhc_jax import connections
 
-F32 = jnp.float32
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -91,13 +90,11 @@ def _local_mappings_and_pre(x, phi, bias, alpha, *, ops, c_axis, c_total, num_it
             x, phi.reshape(n * c, width), bias, alpha, num_iters=num_iters, norm_eps=norm_eps
         )
     # Partial projection and sum of squares of this C shard, summed over shards.
-    v = x.reshape(*x.shape[:-2], n * c).astype(F32)
-    proj = jnp.dot(v, phi.reshape(n * c, width).astype(F32), preferred_element_type=F32)
-    sum_sq = jnp.sum(jnp.square(v), axis=-1, keepdims=True)
-    both = lax.psum(jnp.concatenate([proj, sum_sq], axis=-1), c_axis)
+    proj, mean_sq = jax.checkpoint(connections.project_streams)(x, phi.reshape(n * c, width))
+    both = lax.psum(jnp.concatenate([proj, mean_sq], axis=-1), c_axis)
     h_pre, h_post, h_res = connections.mhc_coefficients(
         both[..., :width],
-        both[..., width:] / (n * c_total),
+        both[..., width:] * (c / c_total),  # the shards' means of n*c values each
         bias,
         alpha,
         num_iters=num_iters,

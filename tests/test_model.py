@@ -1,5 +1,9 @@
 """The LM: init equivalences, training signal, dtypes, config validation."""
 
+import contextlib
+import io
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -230,3 +234,24 @@ def test_cudnn_attention_matches_xla():
     np.testing.assert_allclose(lc, lx, rtol=1e-2)
     for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
         assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-6
+
+
+@pytest.mark.parametrize("connection,n", [("residual", 1), ("mhc", 4)])
+def test_bf16_model_saves_no_fp32_activations(connection, n):
+    """Norms and the SwiGLU gate recompute their fp32 intermediates in the backward
+    pass: a bf16 model's autodiff residuals of token shape are all 16-bit."""
+    cfg = ModelConfig(**dict(SMALL, d_model=64), connection=connection, n=n, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    toks = tokens(batch=2, seq=16)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: LM(cfg).apply({"params": p}, toks).astype(jnp.float32).sum(), params
+        )
+    # f32 arrays whose last axis is C or d_ff and that have batch and sequence axes
+    fp32_acts = [
+        line
+        for line in text.getvalue().splitlines()
+        if (m := re.match(r"f32\[2,16,.*?(\d+)\]", line)) and int(m.group(1)) in (64, 128)
+    ]
+    assert not fp32_acts, "\n".join(fp32_acts)
