@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Shapes A and B of the end-to-end overhead benchmark on one GPU, every variant of
+# a shape in one process (see BENCHMARKS.md). Logs and JSON go to $1 (default /tmp).
+#   bash experiments/benchmarks/step_overhead_ab.sh /tmp/overhead
+set -uo pipefail
+out=${1:-/tmp}
+mkdir -p "$out"
+variants=${VARIANTS:-residual:xla:none,hc:xla:mhc_blocks,mhc:xla:none,mhc:pallas:none,mhc:pallas:mhc_blocks}
+for shape in ${SHAPES:-A B}; do
+  batch_var=BATCH_$shape
+  batch=${!batch_var:-$([ "$shape" = A ] && echo 8 || echo 4)}
+  timeout "${SHAPE_TIMEOUT_S:-280}" python3 experiments/benchmarks/step_overhead.py \
+    --shape="$shape" --batch="$batch" --seq=2048 --steps="${STEPS:-10}" --warmup=3 \
+    --variants="$variants" --out="$out/shape_$shape.json" ${EXTRA:-} 2>&1 |
+    grep -v "^W0000\|^I0000\|^WARNING: All log" | tee "$out/shape_$shape.log"
+done
