@@ -12,6 +12,7 @@ stream dtype; the apply functions return the stream dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -74,8 +75,23 @@ def mhc_mappings(
     _check_shape("mhc_mappings", "phi", phi, (n * c, width))
     _check_shape("mhc_mappings", "bias", bias, (width,))
     _check_shape("mhc_mappings", "alpha", alpha, (3,))
-    proj, mean_square = jax.checkpoint(project_streams)(x, phi)
+    proj, mean_square = project_streams(x, phi)
     return mhc_coefficients(proj, mean_square, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+
+
+def mhc_mappings_and_pre(
+    x: jax.Array,
+    phi: jax.Array,
+    bias: jax.Array,
+    alpha: jax.Array,
+    *,
+    num_iters: int = 20,
+    norm_eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``mhc_mappings`` then ``apply_pre``: (layer_input (..., C) in x.dtype, h_pre,
+    h_post, h_res); the unfused counterpart of the fused kernel."""
+    h_pre, h_post, h_res = mhc_mappings(x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+    return apply_pre(h_pre, x), h_pre, h_post, h_res
 
 
 # The fp32 math over (..., n, C) below runs under jax.checkpoint: the backward pass
@@ -83,6 +99,7 @@ def mhc_mappings(
 # (4 bytes per stream element for every layer: more than the streams themselves).
 
 
+@jax.checkpoint
 def project_streams(x: jax.Array, phi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(v @ phi, mean(v**2))`` of the flattened streams v = x (..., n*C), fp32."""
     v = x.reshape(*x.shape[:-2], -1).astype(F32)
@@ -170,11 +187,12 @@ def hc_mappings(
     if dynamic is not None:
         for name, shape in zip(HCDynamicParams._fields, [(c,), (c,), (c,), (c, n), (), ()]):
             _check_shape("hc_mappings", f"dynamic.{name}", getattr(dynamic, name), shape)
-        d_pre, d_post, d_res = jax.checkpoint(_hc_dynamic, static_argnums=2)(x, dynamic, norm_eps)
+        d_pre, d_post, d_res = _hc_dynamic(x, dynamic, norm_eps)
         h_pre, h_post, a_res = h_pre + d_pre, h_post + d_post, a_res + d_res
     return h_pre, h_post, jnp.swapaxes(a_res, -1, -2)
 
 
+@functools.partial(jax.checkpoint, static_argnums=2)  # see project_streams
 def _hc_dynamic(x: jax.Array, dynamic: HCDynamicParams, norm_eps: float):
     """HC's input-dependent terms (..., n), (..., n), (..., n, n) in fp32."""
     xf = x.astype(F32)
@@ -192,9 +210,10 @@ def apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:
     """``layer_input = sum_i h_pre[i] x[i]``: (..., n), (..., n, C) -> (..., C) in x.dtype."""
     n, _ = _check_streams("apply_pre", x)
     _check_shape("apply_pre", "h_pre", h_pre, (*x.shape[:-2], n))
-    return jax.checkpoint(_apply_pre)(h_pre, x)
+    return _apply_pre(h_pre, x)
 
 
+@jax.checkpoint  # see project_streams
 def _apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:
     # Broadcast-multiply then reduce: XLA fuses it into one pass over x (an
     # einsum here lowers to a batched matmul that is about 2x slower on GPU).
@@ -216,9 +235,10 @@ def apply_post_res(h_res: jax.Array, h_post: jax.Array, x: jax.Array, f: jax.Arr
     _check_shape("apply_post_res", "h_res", h_res, (*batch, n, n))
     _check_shape("apply_post_res", "h_post", h_post, (*batch, n))
     _check_shape("apply_post_res", "f", f, (*batch, c))
-    return jax.checkpoint(_apply_post_res)(h_res, h_post, x, f)
+    return _apply_post_res(h_res, h_post, x, f)
 
 
+@jax.checkpoint  # see project_streams
 def _apply_post_res(h_res, h_post, x, f):
     mixed = jnp.sum(h_res[..., :, :, None].astype(F32) * x[..., None, :, :].astype(F32), axis=-2)
     out = mixed + h_post[..., :, None].astype(F32) * f[..., None, :].astype(F32)

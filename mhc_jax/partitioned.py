@@ -39,11 +39,6 @@ class Ops(NamedTuple):
     apply_post_res: Callable
 
 
-def _xla_mappings_and_pre(x, phi, bias, alpha, **kw):
-    h_pre, h_post, h_res = connections.mhc_mappings(x, phi, bias, alpha, **kw)
-    return connections.apply_pre(h_pre, x), h_pre, h_post, h_res
-
-
 def mhc_ops(impl: str) -> Ops:
     """Ops of ``impl``: "xla" (pure jnp), "pallas" / "pallas_interpret" (kernels; the
     mapping and pre are then one fused kernel) or "auto" (Pallas on GPU and TPU)."""
@@ -52,7 +47,9 @@ def mhc_ops(impl: str) -> Ops:
     if impl == "auto":
         impl = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
     if impl == "xla":
-        return Ops(_xla_mappings_and_pre, connections.apply_pre, connections.apply_post_res)
+        return Ops(
+            connections.mhc_mappings_and_pre, connections.apply_pre, connections.apply_post_res
+        )
     from pallas_kernels.mhc import api
 
     return Ops(
@@ -90,7 +87,7 @@ def _local_mappings_and_pre(x, phi, bias, alpha, *, ops, c_axis, c_total, num_it
             x, phi.reshape(n * c, width), bias, alpha, num_iters=num_iters, norm_eps=norm_eps
         )
     # Partial projection and sum of squares of this C shard, summed over shards.
-    proj, mean_sq = jax.checkpoint(connections.project_streams)(x, phi.reshape(n * c, width))
+    proj, mean_sq = connections.project_streams(x, phi.reshape(n * c, width))
     both = lax.psum(jnp.concatenate([proj, mean_sq], axis=-1), c_axis)
     h_pre, h_post, h_res = connections.mhc_coefficients(
         both[..., :width],

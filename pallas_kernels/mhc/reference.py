@@ -1,10 +1,10 @@
 """Pure-jnp references for the mHC kernels.
 
-The mapping, pre and post-res math is the library's (``mhc_jax``), re-exported
-here; this module adds only what the library has no counterpart for: the fused
-mapping + pre, a plainly unrolled Sinkhorn (so that autodiff, e.g. in float64,
-gives the exact reference gradient), and the converged-iterate approximation of
-the Sinkhorn gradient (the shortcut the kernels do not take; tests contrast it).
+The mapping, pre, mapping + pre and post-res math is the library's (``mhc_jax``),
+re-exported here; this module adds only what the library has no counterpart for:
+a plainly unrolled Sinkhorn (so that autodiff, e.g. in float64, gives the exact
+reference gradient), and the converged-iterate approximation of the Sinkhorn
+gradient (the shortcut the kernels do not take; tests contrast it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mhc_jax.connections import apply_post_res, apply_pre, mhc_mappings
+from mhc_jax.connections import apply_post_res, apply_pre, mhc_mappings, mhc_mappings_and_pre
 from mhc_jax.sinkhorn import LOGIT_FLOOR, sinkhorn_knopp
 
 __all__ = [
@@ -24,20 +24,6 @@ __all__ = [
     "sinkhorn_converged_vjp",
     "sinkhorn_unrolled",
 ]
-
-
-def mhc_mappings_and_pre(
-    x: jax.Array,
-    phi: jax.Array,
-    bias: jax.Array,
-    alpha: jax.Array,
-    *,
-    num_iters: int = 20,
-    norm_eps: float = 1e-6,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(layer_input (..., C) in x.dtype, h_pre, h_post, h_res): mapping then pre-apply."""
-    h_pre, h_post, h_res = mhc_mappings(x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
-    return apply_pre(h_pre, x), h_pre, h_post, h_res
 
 
 def sinkhorn_unrolled(logits: jax.Array, num_iters: int = 20) -> jax.Array:
