@@ -154,6 +154,26 @@ def mapping_op(
     return op
 
 
+def pre_backward(bwd_call: Callable) -> tuple[Callable, Callable]:
+    """``(bwd, weight_grad)`` of the pre op from a backend's kernel call
+    ``bwd_call(x2 (T, n*C), dli (T, C), h (T, n) | None, *, n, c, static)``, which
+    returns (dx2, dh_pre), or (dh_pre,) alone when h is None.
+
+    ``bwd(h, x, dli, static)``: (dx (T, n, C) in x.dtype, dh_pre (T, n) fp32).
+    ``weight_grad(x2, dli, *, n, c, static)``: dh_pre[t, i] = <x[t, i], dli[t]> alone.
+    """
+
+    def bwd(h, x, dli, static):
+        t, n, c = x.shape
+        dx, dh = bwd_call(x.reshape(t, n * c), dli, h, n=n, c=c, static=static)
+        return dx.reshape(x.shape), dh
+
+    def weight_grad(x2, dli, *, n, c, static):
+        return bwd_call(x2, dli, None, n=n, c=c, static=static)[0]
+
+    return bwd, weight_grad
+
+
 def pre_op(fwd: Callable, bwd: Callable) -> Callable:
     """``op(h_pre (T, n), x (T, n, C), static) -> (T, C)`` from
     ``fwd(h, x, static)`` and ``bwd(h, x, dli, static) -> (dx, dh)``."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mhc import _tpu_io, blocks
-from pallas_kernels.mhc._common import pre_op
+from pallas_kernels.mhc._common import pre_backward, pre_op
 
 F32 = jnp.float32
 
@@ -84,17 +84,7 @@ def _bwd_call(x2, dli, h, *, n, c, static):
     )(*ins)
 
 
-def bwd(h, x, dli, static):
-    """(dx (T, n, C) in x.dtype, dh_pre (T, n) fp32) for cotangent dli (T, C)."""
-    t, n, c = x.shape
-    dx, dh = _bwd_call(x.reshape(t, n * c), dli, h, n=n, c=c, static=static)
-    return dx.reshape(x.shape), dh
-
-
-def weight_grad(x2, dli, *, n, c, static):
-    """dh_pre[t, i] = <x[t, i], dli[t]> alone: x2 (T, n*C), dli (T, C) -> (T, n) fp32."""
-    return _bwd_call(x2, dli, None, n=n, c=c, static=static)[0]
-
+bwd, weight_grad = pre_backward(_bwd_call)
 
 apply_pre = pre_op(fwd, bwd)
 """``apply_pre(h_pre (T, n), x (T, n, C), static) -> (T, C)`` in x.dtype, differentiable."""

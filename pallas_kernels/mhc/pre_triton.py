@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mhc import blocks
-from pallas_kernels.mhc._common import pre_op
+from pallas_kernels.mhc._common import pre_backward, pre_op
 from pallas_kernels.mhc._triton_io import coeff_columns, col_mask, load_f32, row_mask, store_columns
 
 F32 = jnp.float32
@@ -89,17 +89,7 @@ def _bwd_call(x2, dli, h, *, n, c, static):
     )(x2, dli, *((h,) if with_dx else ()))
 
 
-def bwd(h, x, dli, static):
-    """(dx (T, n, C) in x.dtype, dh_pre (T, n) fp32) for cotangent dli (T, C)."""
-    t, n, c = x.shape
-    dx, dh = _bwd_call(x.reshape(t, n * c), dli, h, n=n, c=c, static=static)
-    return dx.reshape(x.shape), dh
-
-
-def weight_grad(x2, dli, *, n, c, static):
-    """dh_pre[t, i] = <x[t, i], dli[t]> alone: x2 (T, n*C), dli (T, C) -> (T, n) fp32."""
-    return _bwd_call(x2, dli, None, n=n, c=c, static=static)[0]
-
+bwd, weight_grad = pre_backward(_bwd_call)
 
 apply_pre = pre_op(fwd, bwd)
 """``apply_pre(h_pre (T, n), x (T, n, C), static) -> (T, C)`` in x.dtype, differentiable."""
