@@ -1,7 +1,7 @@
 r"""Multi-GPU scaling of residual and mHC training steps over mesh layouts.
 
-Runs ``step_overhead.py`` once per mesh, each in its own process on the first k
-GPUs (``CUDA_VISIBLE_DEVICES``), all with the same global batch and seed, then
+Runs ``step_overhead.py`` once per mesh, each in its own process on k GPUs of
+its own (``CUDA_VISIBLE_DEVICES``), all with the same global batch and seed, then
 prints one table: step time, tokens/s per GPU, memory per GPU, the scaling
 efficiency (tokens/s per GPU over the 1- and 2-GPU runs of the same variant),
 the mHC overhead at each layout, and the first steps' losses against the
@@ -43,7 +43,7 @@ _MESH_ORDER = {"1x1x1": 0, "1x2x1": 1, "2x1x1": 2, "1x4x1": 3, "1x2x2": 4, "1x1x
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _launch(mesh: str, first_gpu: int, extra: list[str]) -> subprocess.Popen:
+def _launch(mesh: str, first_gpu: int, extra: list[str], log) -> subprocess.Popen:
     sizes = [int(s) for s in mesh.split("x")]
     k = math.prod(sizes)
     gpus = ",".join(map(str, range(first_gpu, first_gpu + k)))
@@ -55,28 +55,30 @@ def _launch(mesh: str, first_gpu: int, extra: list[str]) -> subprocess.Popen:
         os.path.join(HERE, "step_overhead.py"),
         f"--mesh={','.join(map(str, sizes))}",
     ]
-    log = open(os.path.join(_OUT_DIR.value, f"mesh_{mesh}.log"), "w")
     return subprocess.Popen(cmd + extra + [f"--out={out}"], env=env, stdout=log, stderr=log)
 
 
 def _run_all(extra: list[str]):
     """Runs every mesh; small meshes side by side on disjoint GPUs if allowed."""
-    pending = list(_MESHES.value)
+    pending, gpus = list(_MESHES.value), _device_count()
     while pending:
         batch, next_gpu = [], 0
         for mesh in list(pending):
             k = math.prod(int(s) for s in mesh.split("x"))
-            if batch and (not _CONCURRENT.value or next_gpu + k > _device_count()):
+            if batch and (not _CONCURRENT.value or next_gpu + k > gpus):
                 break
             batch.append((mesh, next_gpu))
             next_gpu += k
             pending.remove(mesh)
-        procs = [_launch(mesh, gpu, extra) for mesh, gpu in batch]
-        for (mesh, _), proc in zip(batch, procs):
+        logs = [open(os.path.join(_OUT_DIR.value, f"mesh_{m}.log"), "w") for m, _ in batch]
+        procs = [_launch(mesh, gpu, extra, log) for (mesh, gpu), log in zip(batch, logs)]
+        for (mesh, _), proc, log in zip(batch, procs, logs):
             try:
                 proc.wait(timeout=_TIMEOUT.value)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            log.close()
             print(f"mesh {mesh}: exit {proc.returncode}", flush=True)
 
 
@@ -126,7 +128,7 @@ def main(argv):
     extra = argv[1:]
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     _run_all(extra)
-    results = []  # every run in out_dir, also those of earlier invocations with other --meshes
+    results = []  # every run in results_dir, also those of earlier invocations with other --meshes
     for name in os.listdir(_OUT_DIR.value):
         if name.startswith("mesh_") and name.endswith(".json"):
             with open(os.path.join(_OUT_DIR.value, name)) as f:
