@@ -267,6 +267,9 @@ def residual_init_bias(n: int, layer_index: int) -> jax.Array:
 
 Branch = Callable[[jax.Array], jax.Array]
 BRANCH_OUTPUT = "branch_out"  # checkpoint name of every sub-layer output F(.) (remat.py)
+# Checkpoint name of what a connection computes around F: its output streams,
+# layer input and coefficients (remat.py's "save_connections" keeps them).
+CONNECTION_OUTPUT = "connection_out"
 
 
 def _param_init(init, axes: tuple):
@@ -274,7 +277,11 @@ def _param_init(init, axes: tuple):
 
 
 def _run_branch(branch: Branch, layer_input: jax.Array) -> jax.Array:
-    return checkpoint_name(branch(layer_input), BRANCH_OUTPUT)
+    return checkpoint_name(branch(checkpoint_name(layer_input, CONNECTION_OUTPUT)), BRANCH_OUTPUT)
+
+
+def _named(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(checkpoint_name(a, CONNECTION_OUTPUT) for a in arrays)
 
 
 def _sow_coefficients(module: nn.Module, h_pre, h_post, h_res) -> None:
@@ -300,7 +307,7 @@ class Residual(nn.Module):
     def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
         if x.shape[-2] != 1:
             raise ValueError(f"Residual: expects n = 1 stream, got x.shape={x.shape}")
-        return x + _run_branch(branch, x[..., 0, :])[..., None, :].astype(x.dtype)
+        return _named(x + _run_branch(branch, x[..., 0, :])[..., None, :].astype(x.dtype))[0]
 
 
 class HyperConnection(nn.Module):
@@ -342,9 +349,10 @@ class HyperConnection(nn.Module):
                 s_beta=self.param("s_beta", scale, (), F32),
             )
         h_pre, h_post, h_res = hc_mappings(x, b_pre, b_post, b_res, dyn, norm_eps=self.norm_eps)
+        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
         _sow_coefficients(self, h_pre, h_post, h_res)
         f = _run_branch(branch, apply_pre(h_pre, x))
-        return apply_post_res(h_res, h_post, x, f)
+        return _named(apply_post_res(h_res, h_post, x, f))[0]
 
 
 class ManifoldHyperConnection(nn.Module):
@@ -398,9 +406,10 @@ class ManifoldHyperConnection(nn.Module):
         layout = dict(
             impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
-        layer_input, h_pre, h_post, h_res = partitioned.mhc_pre(
+        layer_input, h_pre, h_post, h_res, x_tied = partitioned.mhc_pre(
             x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout
         )
+        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
         _sow_coefficients(self, h_pre, h_post, h_res)
         f = _run_branch(branch, layer_input)
-        return partitioned.post_res(h_res, h_post, x, f, **layout)
+        return _named(partitioned.post_res(h_res, h_post, x_tied, f, **layout))[0]

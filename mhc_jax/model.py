@@ -74,7 +74,7 @@ class ModelConfig:
       norm_eps: RMSNorm epsilon.
       init_std: std of the embedding and dense kernels.
       remat: rematerialisation policy: "none" | "full" | "save_dots" | "mhc_blocks"
-        (see remat.py).
+        | "save_connections" (see remat.py).
       remat_layers: L_r of "mhc_blocks" in layers (0: round(sqrt(n L / (n + 2)))).
       scan_layers: run the blocks with ``nn.scan`` (one compiled body; faster
         compiles at depth). The scanned unit is a whole round-robin period of

@@ -31,7 +31,9 @@ class Ops(NamedTuple):
     """The mHC functions of one implementation.
 
     ``mappings_and_pre(x, phi_flat, bias, alpha, num_iters=, norm_eps=)`` returns
-    (layer_input, h_pre, h_post, h_res); the others are as in connections.py.
+    (layer_input, h_pre, h_post, h_res, x_tied), x_tied being x to hand on to
+    ``apply_post_res`` (see ``api.mhc_mappings_and_pre``'s ``tied_streams``); the
+    others are as in connections.py.
     """
 
     mappings_and_pre: Callable
@@ -48,13 +50,15 @@ def mhc_ops(impl: str) -> Ops:
         impl = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
     if impl == "xla":
         return Ops(
-            connections.mhc_mappings_and_pre, connections.apply_pre, connections.apply_post_res
+            lambda x, *args, **kw: (*connections.mhc_mappings_and_pre(x, *args, **kw), x),
+            connections.apply_pre,
+            connections.apply_post_res,
         )
     from pallas_kernels.mhc import api
 
     return Ops(
         lambda x, phi, bias, alpha, **kw: api.mhc_mappings_and_pre(
-            x, phi, bias, alpha, impl=impl, **kw
+            x, phi, bias, alpha, tied_streams=True, impl=impl, **kw
         ),
         lambda h_pre, x: api.apply_pre(h_pre, x, impl=impl),
         lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, impl=impl),
@@ -97,7 +101,7 @@ def _local_mappings_and_pre(x, phi, bias, alpha, *, ops, c_axis, c_total, num_it
         num_iters=num_iters,
         norm_eps=norm_eps,
     )
-    return ops.apply_pre(h_pre, x), h_pre, h_post, h_res
+    return ops.apply_pre(h_pre, x), h_pre, h_post, h_res, x
 
 
 def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, on_mesh=True):
@@ -110,7 +114,8 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
 
     Returns:
       layer_input (..., C) in x.dtype; h_pre (..., n), h_post (..., n),
-      h_res (..., n, n) fp32.
+      h_res (..., n, n) fp32; x_tied: x, to pass as ``post_res``'s x (with the
+      Pallas kernels its cotangent then joins dx inside the mapping's backward).
     """
     ops = mhc_ops(impl)
     mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
@@ -124,7 +129,13 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
         ),
         mesh=mesh,
         in_specs=(x_spec, P(None, c_axis, None), P(), P()),
-        out_specs=(li_spec, P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None)),
+        out_specs=(
+            li_spec,
+            P(*tok_spec, None),
+            P(*tok_spec, None),
+            P(*tok_spec, None, None),
+            x_spec,
+        ),
         check_vma=impl == "xla",  # pallas_call outputs carry no varying-axis types
     )
     return fn(x, phi, bias, alpha)

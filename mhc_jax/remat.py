@@ -13,6 +13,12 @@ Each policy wraps groups of consecutive transformer blocks in ``jax.checkpoint``
   (named ``branch_out``), plus F's own matmul outputs as in ``save_dots``;
   everything mHC (mapping, Sinkhorn, pre, post-res, the streams inside the
   group) is recomputed. L_r defaults to round(sqrt(n L / (n + 2))) layers.
+- ``save_connections``: ``save_dots`` plus what every connection computes
+  around F (output streams, layer input, coefficients; named
+  ``connection_out``) and the mHC kernels' outputs (``mhc_kernel_output``):
+  the backward recomputes only F's elementwise work and no connection
+  forward, for about (n + 1) C more saved values per token and layer than
+  ``save_dots``.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import math
 
 import jax
 
-from mhc_jax.connections import BRANCH_OUTPUT
+from mhc_jax.connections import BRANCH_OUTPUT, CONNECTION_OUTPUT
+from pallas_kernels.mhc._common import KERNEL_OUTPUT
 
-POLICIES = ("none", "full", "save_dots", "mhc_blocks")
+POLICIES = ("none", "full", "save_dots", "mhc_blocks", "save_connections")
 
 
 def checkpoint_policy(name: str):
@@ -37,6 +44,10 @@ def checkpoint_policy(name: str):
         "save_dots": cp.dots_with_no_batch_dims_saveable,
         "mhc_blocks": cp.save_from_both_policies(
             cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(BRANCH_OUTPUT)
+        ),
+        "save_connections": cp.save_from_both_policies(
+            cp.dots_with_no_batch_dims_saveable,
+            cp.save_only_these_names(BRANCH_OUTPUT, CONNECTION_OUTPUT, KERNEL_OUTPUT),
         ),
     }[name]
 

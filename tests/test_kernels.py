@@ -156,6 +156,24 @@ def test_mapping_matches_reference(backend, n, c, dtype, with_pre):
     _assert_close(got, want, TOL[dtype], outs + ["d_x", "d_phi", "d_bias", "d_alpha"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,c,dtype", [(4, 200, BF16), (3, 64, F32)])
+def test_tied_mapping_adds_the_pass_through_cotangent(backend, n, c, dtype):
+    """tied=True returns x as a fifth output; its cotangent joins d_x in the kernel."""
+    rng = _rng("tied", backend, n, c, dtype)
+    args = _mapping_inputs(rng, n, c, dtype)
+    static = _static(backend)
+    kernel = KERNELS[backend][0].mapping
+
+    def ref(x, *a):
+        return (*reference.mhc_mappings_and_pre(x, *a), x)
+
+    got = _value_and_grads(lambda *a: kernel(*a, static, True, tied=True), args, _rng("cot", n))
+    want = _value_and_grads(ref, args, _rng("cot", n), CPU)
+    outs = ["layer_input", "h_pre", "h_post", "h_res", "x"]
+    _assert_close(got, want, TOL[dtype], outs + ["d_x", "d_phi", "d_bias", "d_alpha"])
+
+
 APPLY_CASES = [(1, 200, BF16), (2, 64, F32), (3, 512, BF16), (4, 200, F32), (8, 512, BF16)]
 
 
@@ -191,11 +209,17 @@ def test_post_res_matches_reference(backend, n, c, dtype):
     _assert_close(got, want, TOL[dtype], ["x_next", "d_h_res", "d_h_post", "d_x", "d_f"])
 
 
-def _connection(impl, fused=True):
-    """One mHC connection with f given: (layer_input, x_next) from (x, f, phi, bias, alpha)."""
+def _connection(impl, fused=True, tied=False):
+    """One mHC connection with f given: (layer_input, x_next) from (x, f, phi, bias, alpha).
+    ``tied``: post-res takes the mapping's pass-through x (its cotangent then
+    joins dx inside the mapping's backward kernel)."""
 
     def fn(x, f, phi, bias, alpha):
-        if fused:
+        if tied:
+            li, _, h_post, h_res, x = api.mhc_mappings_and_pre(
+                x, phi, bias, alpha, tied_streams=True, impl=impl
+            )
+        elif fused:
             li, _, h_post, h_res = api.mhc_mappings_and_pre(x, phi, bias, alpha, impl=impl)
         else:
             h_pre, h_post, h_res = api.mhc_mappings(x, phi, bias, alpha, impl=impl)
@@ -205,7 +229,8 @@ def _connection(impl, fused=True):
     return fn
 
 
-def test_api_fused_connection_with_leading_dims_matches_xla():
+@pytest.mark.parametrize("tied", [False, True])
+def test_api_fused_connection_with_leading_dims_matches_xla(tied):
     n, c = 4, 64
     rng = _rng("api")
     x, phi, bias, alpha = _mapping_inputs(rng, n, c, BF16)
@@ -213,7 +238,7 @@ def test_api_fused_connection_with_leading_dims_matches_xla():
     f = _normal(rng, (2, 36, c), BF16)
     impl = "pallas" if PLATFORM != "cpu" else "pallas_interpret"
     args = (x, f, phi, bias, alpha)
-    got = _value_and_grads(_connection(impl), args, _rng("cot-api"))
+    got = _value_and_grads(_connection(impl, tied=tied), args, _rng("cot-api"))
     want = _value_and_grads(_connection("xla"), args, _rng("cot-api"), CPU)
     names = ["layer_input", "x_next", "d_x", "d_f", "d_phi", "d_bias", "d_alpha"]
     _assert_close(got, want, TOL[BF16], names)
@@ -371,3 +396,54 @@ def test_kernels_lower_for_their_platform(backend, op):
     for f, kernels in zip((fn, grad), LOWER_OPS[op]):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         assert len(re.findall(pattern, text)) == kernels
+
+
+def _live_kernels(jaxpr) -> list[str]:
+    """Names of the pallas_calls whose outputs something uses (XLA drops the
+    others: the kernel custom calls have no side effects), nested jaxprs included."""
+    from jax.extend import core
+
+    live = []
+    used = {v for e in jaxpr.eqns for v in e.invars if isinstance(v, core.Var)}
+    used |= {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            if any(v in used for v in e.outvars):
+                name = e.params.get("name") or e.params.get("name_and_src_info")
+                live.append(str(name).split()[0])
+            continue
+        for p in e.params.values():
+            inner = p.jaxpr if isinstance(p, core.ClosedJaxpr) else p
+            if isinstance(inner, core.Jaxpr):
+                live += _live_kernels(inner)
+    return live
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_save_connections_policy_reruns_no_forward_kernel(backend):
+    """Gradient of two tied layers under jax.checkpoint: with ``save_connections``
+    each layer's 2 forward and 4 backward kernels run once; ``mhc_blocks``
+    re-runs forward kernels in the backward pass."""
+    from mhc_jax.remat import checkpoint_policy
+
+    mapping, _, post_res = KERNELS[backend]
+    n, c, t = 4, 256, 64
+    static = Static()
+    k = n * n + 2 * n
+
+    def layers(x, phi, bias, alpha):
+        for _ in range(2):
+            li, _, h_post, h_res, x = mapping.mapping(x, phi, bias, alpha, static, True, tied=True)
+            x = post_res.apply_post_res(h_res, h_post, x, jnp.tanh(li), static)
+        return jnp.sum(x.astype(F32))
+
+    args = (jnp.zeros((t, n, c), BF16), jnp.zeros((n * c, k)), jnp.zeros(k), jnp.zeros(3))
+
+    def forward_kernels(policy):
+        grad = jax.grad(jax.checkpoint(layers, policy=checkpoint_policy(policy)), argnums=(0, 1))
+        live = _live_kernels(jax.make_jaxpr(grad)(*args).jaxpr)
+        assert len(live) - sum(name.endswith("_fwd") for name in live) == 2 * 4, live
+        return sum(name.endswith("_fwd") for name in live)
+
+    assert forward_kernels("save_connections") == 2 * 2
+    assert forward_kernels("mhc_blocks") == 2 * 2 + 3

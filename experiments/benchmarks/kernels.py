@@ -234,11 +234,13 @@ def kernel_table(d: dict, t: int, n: int, c: int):
             3 * rows,
             "triton_mapping_coef_bwd",
         ),
+        # dx kernel + the dphi matmul; compulsory: x, dli, dx_in (post-res's x
+        # cotangent; x2 stands in for it), dx. The matmul's second read of x is not.
         "mapping+pre x bwd": (
             lambda *a: mapping_triton.x_bwd(*a, **kw),
-            (x2, dy, parts, coef[:, :n], d["d_li"]),
-            (2 * n + 1) * e + phi_b + rows + 4 * kp * n * c,
-            "triton_mapping_x_bwd",
+            (x2, dy, parts, coef[:, :n], d["d_li"], x2),
+            (3 * n + 1) * e + phi_b + rows + 4 * kp * n * c,
+            "triton_mapping_dx",
         ),
         "post-res fwd": (
             lambda *a: post_res_triton.fwd(*a, static),
@@ -296,21 +298,13 @@ def _grid(tiles, warps=(4,), stages=(2,)):
 SWEEP = {
     "mapping+pre fwd": _grid(((64, 128), (128, 128), (128, 64), (64, 256)), (4, 8), (3,)),
     "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1))),
-    "mapping+pre x bwd": _grid(((64, 128), (128, 128), (128, 64), (256, 64)), (4, 8)),
+    "mapping+pre x bwd": _grid(((32, 128), (64, 128), (64, 256), (128, 128)), (4, 8)),
 }
 
 
-def _fixed(attr: str, blk):
-    """A replacement for blocks.<attr> returning blk at every size (with the x
-    backward's token splits recomputed per size, as the default does)."""
-    if attr != "triton_mapping_x_bwd":
-        return lambda *_: blk
-
-    def with_splits(t, n, c, kp):
-        cols = n * -(-c // blk.bc)
-        return blk, max(1, min(-(-t // blk.bt), -(-blocks.GPU_PROGRAMS // cols)))
-
-    return with_splits
+def _fixed(blk):
+    """A replacement for a blocks function returning blk at every size."""
+    return lambda *_: blk
 
 
 def sweep(args) -> dict:
@@ -323,7 +317,7 @@ def sweep(args) -> dict:
         fn, a, _, attr = table[name]
         original, results = getattr(blocks, attr), []
         for cand in candidates:
-            setattr(blocks, attr, _fixed(attr, blocks.TritonBlocks(*cand)))
+            setattr(blocks, attr, _fixed(blocks.TritonBlocks(*cand)))
             try:  # a fresh function per candidate: jit caches traces by function
                 fresh = functools.partial(fn)
                 results.append((timeit(jax.jit(fresh), *a, reps=args.reps), cand))
@@ -340,7 +334,7 @@ def tuned(args) -> None:
     """Sweeps, installs the best blocks at every size, then runs the api timings."""
     best = sweep(argparse.Namespace(**{**vars(args), "reps": 8}))
     for attr, cand in best.items():
-        setattr(blocks, attr, _fixed(attr, blocks.TritonBlocks(*cand)))
+        setattr(blocks, attr, _fixed(blocks.TritonBlocks(*cand)))
     print(f"installed: {best}", flush=True)
     bench(args)
 

@@ -27,6 +27,7 @@ import json
 import os
 import time
 
+import gpu_profile  # this directory (scripts run as files)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +65,10 @@ _ATTENTION = flags.DEFINE_enum(
 )
 _COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "Size of the copy-bandwidth probe (MiB).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "Trace --profile_steps more steps per variant here; print GPU ms by kernel."
+)
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps in each profile trace.")
 
 
 def copy_bandwidth(mib: int) -> float:
@@ -133,6 +138,14 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
+        profile = None
+        if _PROFILE_DIR.value:
+            trace_dir = os.path.join(_PROFILE_DIR.value, spec.replace(":", "_"))
+            with jax.profiler.trace(trace_dir):
+                for _ in range(_PROFILE_STEPS.value):
+                    state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+            profile = gpu_profile.summarise(trace_dir, _PROFILE_STEPS.value)
     step_s = float(np.median(times))
     tokens = batch_np["inputs"].size
     flops = costs.train_flops_per_token(cfg, _SEQ.value) * tokens
@@ -150,7 +163,29 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         "first_losses": losses,
         "params": costs.abstract_param_counts(cfg)["total"],
         "n": n,
-    }
+    } | ({"profile": profile} if profile else {})
+
+
+def print_profiles(rows: list[dict]) -> None:
+    """GPU kernel ms per step by category (columns: variants), then each one's top kernels."""
+    rows = [r for r in rows if "profile" in r]
+    if not rows:
+        return
+    cats = sorted({c for r in rows for c in r["profile"]["by_category"]})
+    if not cats:
+        print("\nno GPU kernel events in the profile traces")
+        return
+    print(f"\nGPU kernel time per step (ms), {_PROFILE_STEPS.value} traced steps")
+    print(f"{'category':20s} " + " ".join(f"{r['variant']:>28s}" for r in rows))
+    for cat in [*cats, "total_ms"]:
+        vals = [r["profile"]["by_category"].get(cat, 0.0) for r in rows]
+        if cat == "total_ms":
+            vals = [r["profile"]["total_ms"] for r in rows]
+        print(f"{cat:20s} " + " ".join(f"{v:28.1f}" for v in vals))
+    for r in rows:
+        print(f"top kernels of {r['variant']}:")
+        for name, ms in r["profile"]["top"]:
+            print(f"  {ms:8.2f} ms  {name[:100]}")
 
 
 def main(argv):
@@ -196,6 +231,7 @@ def main(argv):
             f"{r['tokens_per_s_per_device']:10.0f} {r['mfu']:10.1%} {r['memory_gib']:10.2f} "
             f"{over:10.1%} {r['first_losses'][-1] if r['first_losses'] else r['loss']:10.5f}"
         )
+    print_profiles(rows)
     if base is not None:
         print(
             f"floor overhead of the mHC residual path (n={_N.value}): "

@@ -9,6 +9,9 @@
   to these and gets differentiable ops on (T, n, C) streams. The glue packs and
   unpacks the coefficient rows (see ``_coeffs``) and sums the per-block
   partials the kernels leave (fixed order, so runs are bitwise repeatable).
+  Every kernel output an op's backward needs is tagged with the checkpoint name
+  ``KERNEL_OUTPUT``, so a remat policy that saves it (``mhc_jax.remat``'s
+  ``save_connections``) never re-runs a forward kernel in the backward pass.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.mhc import _coeffs
 
 F32 = jnp.float32
+KERNEL_OUTPUT = "mhc_kernel_output"
 
 
 def split(a: jax.Array, dtype) -> tuple[jax.Array, ...]:
@@ -93,18 +98,23 @@ def phi_parts(phi, kp, dtype):
 def mapping_op(
     backend: str, fwd: Callable, coef_bwd: Callable, x_bwd: Callable, pre_grad: Callable
 ) -> Callable:
-    """Builds ``op(x, phi, bias, alpha, static, with_pre)`` with a custom VJP.
+    """Builds ``op(x, phi, bias, alpha, static, with_pre, tied=False)`` with a custom VJP.
 
     x is (T, n, C); the op returns (h_pre, h_post, h_res), preceded by
-    layer_input (T, C) in x.dtype when ``with_pre``. Backend callables:
+    layer_input (T, C) in x.dtype when ``with_pre``. ``tied`` (with the pre only)
+    appends x itself as a last output: a caller that feeds it to post-res
+    hands post-res's x cotangent to this op's backward, whose x kernel adds it
+    while writing dx, instead of autodiff adding the two (T, n, C) cotangents in
+    a separate pass (read 2, write 1 stream slab). Backend callables:
 
     * ``fwd(x2, phi_parts, info, *, n, c, static, with_pre) -> (coef, saved, li)``
     * ``coef_bwd(saved, dcoef, info, *, n, c, static) -> (dy, dt_parts, dtraw_parts)``
-    * ``x_bwd(x2, dy, phi_parts, h_pre, dli, *, n, c, static) -> (dx2, dphi_t_parts)``
+    * ``x_bwd(x2, dy, phi_parts, h_pre, dli, dx_in, *, n, c, static) -> (dx2, dphi_t_parts)``
     * ``pre_grad(x2, dli, *, n, c, static) -> (T, n)``: <x[i], dli>, the pre's d h_pre
 
     with x2 = x.reshape(T, n*C); ``h_pre``/``dli`` of ``x_bwd`` are None unless
-    ``with_pre``; partials carry a leading block axis.
+    ``with_pre``, ``dx_in`` (T, n*C) (added to dx) None unless ``tied``; partials
+    carry a leading block axis.
     """
 
     def prepare(x, phi, bias, alpha):
@@ -117,16 +127,23 @@ def mapping_op(
         k = _coeffs.width(n)
         return coef[:, :n], coef[:, n : 2 * n], coef[:, 2 * n : k].reshape(-1, n, n)
 
-    def op_fwd(x, phi, bias, alpha, static, with_pre):
+    def op_fwd(x, phi, bias, alpha, static, with_pre, tied):
+        if tied and not with_pre:
+            raise ValueError("mapping op: tied=True needs with_pre=True")
         x2, parts, info, n, c = prepare(x, phi, bias, alpha)
         coef, saved, li = fwd(x2, parts, info, n=n, c=c, static=static, with_pre=with_pre)
+        coef, saved = checkpoint_name(coef, KERNEL_OUTPUT), checkpoint_name(saved, KERNEL_OUTPUT)
         outs = unpack(coef, n)
-        h_pre = outs[0] if with_pre else None
-        return ((li, *outs) if with_pre else outs), (x, phi, bias, alpha, saved, h_pre)
+        if with_pre:
+            outs = (checkpoint_name(li, KERNEL_OUTPUT), *outs) + ((x,) if tied else ())
+        h_pre = outs[1] if with_pre else None
+        return outs, (x, phi, bias, alpha, saved, h_pre)
 
-    def op_bwd(static, with_pre, residuals, g):
+    def op_bwd(static, with_pre, tied, residuals, g):
         x, phi, bias, alpha, saved, h_pre = residuals
         x2, parts, info, n, c = prepare(x, phi, bias, alpha)
+        dx_in = g[-1].reshape(x2.shape) if tied else None
+        g = g[:-1] if tied else g
         dli, g = (g[0], g[1:]) if with_pre else (None, g)
         kp, k = info.shape[1], _coeffs.width(n)
         d_pre, d_post, d_res = (a.astype(F32) for a in g)
@@ -136,7 +153,7 @@ def mapping_op(
         if with_pre:
             dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
         dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
-        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, n=n, c=c, static=static)
+        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, dx_in, n=n, c=c, static=static)
         dtraw = jnp.sum(dtraw_parts, axis=0)
         dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
         return (
@@ -146,12 +163,16 @@ def mapping_op(
             dalpha.astype(alpha.dtype),
         )
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-    def op(x, phi, bias, alpha, static, with_pre):
-        return op_fwd(x, phi, bias, alpha, static, with_pre)[0]
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+    def op(x, phi, bias, alpha, static, with_pre, tied):
+        return op_fwd(x, phi, bias, alpha, static, with_pre, tied)[0]
 
     op.defvjp(op_fwd, op_bwd)
-    return op
+
+    def mapping(x, phi, bias, alpha, static, with_pre, tied=False):
+        return op(x, phi, bias, alpha, static, with_pre, tied)
+
+    return mapping
 
 
 def pre_backward(bwd_call: Callable) -> tuple[Callable, Callable]:
@@ -183,7 +204,7 @@ def pre_op(fwd: Callable, bwd: Callable) -> Callable:
         return fwd(h, x, static)
 
     def op_fwd(h, x, static):
-        return fwd(h, x, static), (h, x)
+        return checkpoint_name(fwd(h, x, static), KERNEL_OUTPUT), (h, x)
 
     def op_bwd(static, residuals, dli):
         h, x = residuals
@@ -204,7 +225,8 @@ def post_res_op(fwd: Callable, bwd: Callable) -> Callable:
         return fwd(h_res, h_post, x, f, static)
 
     def op_fwd(h_res, h_post, x, f, static):
-        return fwd(h_res, h_post, x, f, static), (h_res, h_post, x, f)
+        out = checkpoint_name(fwd(h_res, h_post, x, f, static), KERNEL_OUTPUT)
+        return out, (h_res, h_post, x, f)
 
     def op_bwd(static, residuals, dxn):
         h_res, h_post, x, f = residuals

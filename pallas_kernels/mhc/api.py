@@ -80,7 +80,7 @@ def _static(fn: str, num_iters, norm_eps, interpret: bool) -> Static:
     return Static(num_iters, float(norm_eps), interpret)
 
 
-def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, kernels, with_pre):
+def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, kernels, with_pre, tied=False):
     (mapping_kernels, _, _), interpret = kernels
     static = _static(fn, num_iters, norm_eps, interpret)
     batch, n, c = _streams(fn, x)
@@ -88,7 +88,7 @@ def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, kernels, with_pre):
     _check(fn, "phi", phi, (n * c, k))
     _check(fn, "bias", bias, (k,))
     _check(fn, "alpha", alpha, (3,))
-    outs = mapping_kernels.mapping(x.reshape(-1, n, c), phi, bias, alpha, static, with_pre)
+    outs = mapping_kernels.mapping(x.reshape(-1, n, c), phi, bias, alpha, static, with_pre, tied)
     return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
 
 
@@ -126,21 +126,27 @@ def mhc_mappings_and_pre(
     *,
     num_iters: int = 20,
     norm_eps: float = 1e-6,
+    tied_streams: bool = False,
     impl: str = "xla",
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """``mhc_mappings`` fused with ``apply_pre`` in one kernel.
 
     Returns:
       layer_input (..., C) in x.dtype, h_pre (..., n), h_post (..., n),
       h_res (..., n, n). On TPU a token block's rows stay in VMEM, so x is read
       once; on GPU the pre loop re-reads the block (L2 hits where it still fits).
+      With ``tied_streams``, x itself follows as a fifth output: pass it as
+      ``apply_post_res``'s x, and the cotangent post-res sends back to x is
+      added inside this op's backward kernel, while it writes dx, instead of in
+      a separate pass over three (..., n, C) arrays.
     """
     kernels = _kernels(impl, "mhc_mappings_and_pre")
     if kernels is None:
-        return reference.mhc_mappings_and_pre(
+        outs = reference.mhc_mappings_and_pre(
             x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps
         )
-    args = (x, phi, bias, alpha, num_iters, norm_eps, kernels, True)
+        return (*outs, x) if tied_streams else outs
+    args = (x, phi, bias, alpha, num_iters, norm_eps, kernels, True, tied_streams)
     return _mapping("mhc_mappings_and_pre", *args)
 
 

@@ -6,7 +6,7 @@ GPU (Triton; every block dimension a power of two):
 |-------------------|--------------------------|-----------------------|-------|------------------
 | mapping fwd       | 64 (>= 16 for tl.dot)    | 128 (64 fp32), /2 n>4 | 4/8   | loop over n*C
 | mapping coef bwd  | 16 (8 if n > 4)          | -                     | 4     | Sinkhorn VJP
-| mapping x bwd     | 64                       | 128 (64 if n > 4)     | 4/8   | grid (n*C/BC, S)
+| mapping dx        | 64 (>= 16 for tl.dot)    | 128 (64 if n > 4)     | 4     | grid (T/BT, C/BC)
 | pre fwd           | 2048 / BC                | min(512, C)           | 4     | grid (T/BT, C/BC)
 | pre bwd           | 1024 / BC                | min(256, C)           | 4     | loop over C
 | post-res fwd      | 2048 / BC (1024 if n>4)  | min(512, C)           | 4     | grid (T/BT, C/BC)
@@ -17,11 +17,8 @@ tl.dot needs it (every dot dimension >= 16); C and T need not be multiples of
 the blocks: loads and stores are masked. The mapping forward's BT = 64 keeps
 phi's re-reads from L2 (kp * n*C * 2 parts * 2 bytes per token block) at about
 the size of the x traffic; on an H100 (T = 32768, C = 4096, n = 4) BT = 32 took
-1.71 ms against 0.99 ms, and BC = 256 1.29 ms. The mapping x-backward splits the
-tokens into S ranges so that about 512 programs run; each writes its own d_phi
-partial (S, kp, n*C), summed afterwards (deterministic, no atomics); BT = 64,
-BC = 128, 4 warps beat 128-token or 8-warp variants by 1.4-2x at T = 8192. For
-n > 4 (kp = 128) BC halves so three pipeline stages fit in shared memory.
+1.71 ms against 0.99 ms, and BC = 256 1.29 ms. The mapping dx kernel loops
+over the n streams of its (BT, BC) tile, so dy and dli are read once per tile.
 
 TPU (Mosaic): one token block holds whole rows (n*C values), so a kernel reads
 x once; BT is the largest multiple of 16 (at most ``TPU_MAX_ROWS``) whose
@@ -40,7 +37,6 @@ TPU_ROW_BUDGET = 16 * 2**20  # bytes of double-buffered token rows per kernel
 TPU_MAX_ROWS = 512  # cap on TPU token-block rows
 TPU_VMEM_CAP = 100 * 2**20  # largest vmem_limit_bytes we ask for (v5e/v5p/v6e hold >= 95 MiB)
 TPU_LANES = 2048  # width of the static in-kernel chunks
-GPU_PROGRAMS = 512  # programs the mapping x-backward aims for (about 4 per H100 SM)
 
 
 class TritonBlocks(NamedTuple):
@@ -77,15 +73,8 @@ def triton_mapping_coef_bwd(t: int, kp: int) -> TritonBlocks:
     return TritonBlocks(bt=_tokens(t, 16 if kp <= 32 else 8), bc=0)
 
 
-def triton_mapping_x_bwd(t: int, n: int, c: int, kp: int) -> tuple[TritonBlocks, int]:
-    """Blocks and S, the number of token ranges (d_phi partials)."""
-    wide = kp > 32
-    blocks = TritonBlocks(
-        bt=_tokens(t, 64, 16), bc=_cols(c, 64 if wide else 128, 16), num_warps=8 if wide else 4
-    )
-    col_programs = n * pl.cdiv(c, blocks.bc)
-    splits = max(1, min(pl.cdiv(t, blocks.bt), pl.cdiv(GPU_PROGRAMS, col_programs)))
-    return blocks, splits
+def triton_mapping_dx(t: int, c: int, kp: int = 32) -> TritonBlocks:
+    return TritonBlocks(bt=_tokens(t, 64, 16), bc=_cols(c, 128 if kp <= 32 else 64, 16))
 
 
 def triton_pre_fwd(t: int, c: int) -> TritonBlocks:

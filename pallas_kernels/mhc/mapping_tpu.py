@@ -122,8 +122,9 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     return dy, dt[:, 0], dtraw[:, 0]
 
 
-def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, t, nparts, with_pre):
+def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, t, nparts, with_pre, with_dx_in):
     parts = refs[:nparts]
+    extra = refs[nparts:-2]
     dx_ref, dphi_ref = refs[-2:]
     bt, kp = dy_ref.shape
     ok = _tpu_io.valid_rows(bt, t)
@@ -141,26 +142,38 @@ def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, t, nparts, with_pre):
             xb = jnp.where(ok, x_ref[:, col : col + w], 0.0).astype(x_ref.dtype)
             dx = back_project(dys, [p[:, col : col + w] for p in parts]) + c_x * xb.astype(F32)
             if with_pre:
-                h_ref, dli_ref = refs[nparts : nparts + 2]
+                h_ref, dli_ref = extra[:2]
                 dx = dx + h_ref[:, i : i + 1].astype(F32) * dli_ref[:, a : a + w].astype(F32)
+            if with_dx_in:
+                dx = dx + extra[-1][:, col : col + w].astype(F32)
             dx_ref[:, col : col + w] = dx.astype(dx_ref.dtype)
             dphi_ref[:, col : col + w] += phi_outer(dys, xb)
 
 
-def x_bwd(x2, dy, parts, h_pre, dli, *, n, c, static):
+def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     """(dx2 (T, n*C) in x2.dtype, dphi^T partials (1, kp, n*C) fp32)."""
     t, kp = dy.shape
-    with_pre = h_pre is not None
-    ins = [x2, dy] + ([h_pre, dli] if with_pre else [])
+    with_pre, with_dx_in = h_pre is not None, dx_in is not None
+    ins = [x2, dy] + ([h_pre, dli] if with_pre else []) + ([dx_in] if with_dx_in else [])
     rows = _tpu_io.row_bytes(*ins, x2)
     dphi = jax.ShapeDtypeStruct((kp, n * c), F32)
     consts = _tpu_io.const_bytes(*parts, dphi)
     bt, grid, params = _tpu_io.plan(t, rows, consts, "mapping x bwd", sequential=True)
-    kernel = functools.partial(_x_bwd_kernel, n=n, c=c, t=t, nparts=len(parts), with_pre=with_pre)
+    kernel = functools.partial(
+        _x_bwd_kernel,
+        n=n,
+        c=c,
+        t=t,
+        nparts=len(parts),
+        with_pre=with_pre,
+        with_dx_in=with_dx_in,
+    )
     in_specs = [_tpu_io.rows_spec(bt, n * c), _tpu_io.rows_spec(bt, kp)]
     in_specs += [_tpu_io.full_spec(p.shape) for p in parts]
     if with_pre:
         in_specs += [_tpu_io.rows_spec(bt, n), _tpu_io.rows_spec(bt, c)]
+    if with_dx_in:
+        in_specs.append(_tpu_io.rows_spec(bt, n * c))
     dx2, dphi_t = pl.pallas_call(
         kernel,
         grid=grid,

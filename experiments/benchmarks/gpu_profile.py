@@ -1,0 +1,71 @@
+"""GPU time of a traced training step, summed by kernel category.
+
+``summarise(trace_dir, steps)`` reads the ``*.xplane.pb`` that
+``jax.profiler.trace`` wrote, takes every kernel event on the GPU planes'
+stream lines and returns milliseconds per step by category plus the kernels
+that took longest. Categories, by kernel name: the mHC Pallas kernels
+(``mhc_*``), matmuls (cuBLAS/CUTLASS), attention (cuDNN), copies, and the rest
+(XLA's fused elementwise and reduction kernels, Adam, the loss).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+
+CATEGORIES = (
+    ("mhc kernels", ("mhc_",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+    ("attention", ("cudnn", "fmha", "flash", "sdpa")),
+    ("copy", ("memcpy", "memset", "copy", "transpose")),
+)
+OTHER = "fusions and other"
+
+
+def category(kernel: str) -> str:
+    """The category of a kernel name (case-insensitive substring match, first wins)."""
+    low = kernel.lower()
+    for name, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return name
+    return OTHER
+
+
+def kernel_times(xspace) -> collections.Counter:
+    """Total ns per kernel name over the GPU planes' stream lines of a ProfileData."""
+    totals = collections.Counter()
+    for plane in xspace.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.lower().startswith("stream"):
+                continue  # derived lines (XLA ops/modules) would count kernels twice
+            for event in line.events:
+                totals[event.name] += event.duration_ns
+    return totals
+
+
+def summarise(trace_dir: str, steps: int, top: int = 12) -> dict:
+    """``breakdown`` of the newest trace under ``trace_dir``."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    return breakdown(ProfileData.from_file(files[-1]), steps, top)
+
+
+def breakdown(xspace, steps: int, top: int = 12) -> dict:
+    """{"by_category": {category: ms per step}, "top": [(kernel, ms per step)],
+    "total_ms": kernel ms per step} of a ProfileData holding ``steps`` steps."""
+    totals = kernel_times(xspace)
+    by_category = collections.Counter()
+    for kernel, ns in totals.items():
+        by_category[category(kernel)] += ns
+    per_step = lambda ns: ns / 1e6 / steps  # noqa: E731
+    return {
+        "by_category": {k: per_step(v) for k, v in sorted(by_category.items())},
+        "top": [(k, per_step(v)) for k, v in totals.most_common(top)],
+        "total_ms": per_step(sum(totals.values())),
+    }
