@@ -185,10 +185,8 @@ def print_profiles(rows: list[dict]) -> None:
         return
     print(f"\nGPU kernel time per step (ms), {_PROFILE_STEPS.value} traced steps")
     print(f"{'category':20s} " + " ".join(f"{r['variant']:>28s}" for r in rows))
-    for cat in [*cats, "total_ms"]:
-        vals = [r["profile"]["by_category"].get(cat, 0.0) for r in rows]
-        if cat == "total_ms":
-            vals = [r["profile"]["total_ms"] for r in rows]
+    table = [(cat, [r["profile"]["by_category"].get(cat, 0.0) for r in rows]) for cat in cats]
+    for cat, vals in [*table, ("all kernels", [r["profile"]["total_ms"] for r in rows])]:
         print(f"{cat:20s} " + " ".join(f"{v:28.1f}" for v in vals))
     for r in rows:
         print(f"top kernels of {r['variant']}:")

@@ -21,7 +21,8 @@ the size of the x traffic; on an H100 (T = 32768, C = 4096, n = 4) BT = 32 took
 over the n streams of its (BT, BC) tile, so dy and dli are read once per tile;
 on an H100, with the dphi matmul, (32, 128) took 0.523 ms at T = 16384, C = 2048
 and 0.487 ms at T = 8192, C = 4096, against 0.561 and 0.518 ms for (64, 128);
-no other tile of BT 32-128, BC 64-256, 4 or 8 warps was faster.
+no other tile of BT 32-128, BC 64-256, 4 or 8 warps was faster. For n > 4
+(kp = 128: four times the phi^T rows per tile) BC halves; that size is untuned.
 
 TPU (Mosaic): one token block holds whole rows (n*C values), so a kernel reads
 x once; BT is the largest multiple of 16 (at most ``TPU_MAX_ROWS``) whose

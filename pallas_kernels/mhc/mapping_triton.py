@@ -156,13 +156,12 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     )(saved, dcoef, info)
 
 
-def _dx_kernel(x_ref, dy_ref, *refs, n, c, nparts, bt, bc, with_pre, with_dx_in):
-    parts, dx_ref = refs[:nparts], refs[-1]
-    extra = refs[nparts:-1]
+def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, with_pre, with_dx_in):
+    dx_ref, extra = refs[-1], refs[:-1]
     t, kp = x_ref.shape[0], dy_ref.shape[1]
     t0, c0 = pl.program_id(0) * bt, pl.program_id(1) * bc
-    rows = row_mask(t0, bt, t)
-    mask = rows & col_mask(c0, bc, c)
+    rows, cols = row_mask(t0, bt, t), col_mask(c0, bc, c)
+    mask = rows & cols
     dy = plgpu.load(dy_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
     c_x = jnp.sum(jnp.where(jnp.arange(kp)[None, :] == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
     dys = split(dy, x_ref.dtype)
@@ -171,10 +170,9 @@ def _dx_kernel(x_ref, dy_ref, *refs, n, c, nparts, bt, bc, with_pre, with_dx_in)
         dli = plgpu.load(dli_ref.at[pl.ds(t0, bt), pl.ds(c0, bc)], mask=mask, other=0.0)
     for i in range(n):
         col = i * c + c0
-        cols = col_mask(c0, bc, c)
-        phis = [plgpu.load(p.at[:, pl.ds(col, bc)], mask=cols, other=0.0) for p in parts]
+        phi = plgpu.load(phi_ref.at[:, pl.ds(col, bc)], mask=cols, other=0.0)
         xb = plgpu.load(x_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0)
-        dx = back_project(dys, phis) + c_x * xb.astype(F32)
+        dx = back_project(dys, [phi]) + c_x * xb.astype(F32)
         if with_pre:
             h = plgpu.load(h_ref.at[pl.ds(t0, bt), pl.ds(i, 1)], mask=rows, other=0.0)
             dx = dx + h * dli.astype(F32)
@@ -201,7 +199,6 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
         _dx_kernel,
         n=n,
         c=c,
-        nparts=len(parts),
         bt=blk.bt,
         bc=blk.bc,
         with_pre=with_pre,
@@ -214,7 +211,7 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
         compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
         interpret=static.interpret,
         name="mhc_mapping_dx",
-    )(x2, dy, *parts, *extra)
+    )(x2, dy, parts[0], *extra)  # back_project reads phi's hi part alone
     dys = split(dy, x2.dtype)
     dphi_t = dot_tn(jnp.concatenate(dys, axis=1), x2)  # (len(dys) * kp, n*C)
     return dx2, sum(dphi_t[i * kp : (i + 1) * kp] for i in range(len(dys)))[None]
