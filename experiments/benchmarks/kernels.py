@@ -16,9 +16,10 @@ once (bf16 streams, fp32 coefficients, phi once); a kernel that re-reads x moves
 more. GB/s = those bytes / time; "copy" = that over the measured copy bandwidth.
 ``--mode kernels`` times each Triton kernel of the connection alone (plus the
 standalone pre kernels) with the same byte accounting; ``--mode sweep`` times
-candidate blocks for the mapping kernels at the first (T, C) and prints the
-best (for pallas_kernels/mhc/blocks.py); ``--mode tuned`` sweeps, installs the
-winners for every size and then runs the api timings.
+candidate blocks for the mapping kernels (``--sweep NAME ...`` picks some) at
+the first (T, C) and prints the best (for pallas_kernels/mhc/blocks.py);
+``--mode tuned`` sweeps, installs the winners for every size and then runs the
+api timings.
 """
 
 from __future__ import annotations
@@ -216,11 +217,12 @@ def kernel_table(d: dict, t: int, n: int, c: int):
         return mapping_triton.fwd(x2, parts, info, with_pre=True, **kw)
 
     return {
+        # projection + coefficient + pre kernels; compulsory: x once (they read it twice).
         "mapping+pre fwd": (
             mapping_fwd,
             (x2, parts, info),
             (n + 1) * e + phi_b + 2 * rows,
-            "triton_mapping_fwd",
+            "triton_mapping_proj",
         ),
         "pre dh (pass A)": (
             lambda x2, dli: pre_triton.weight_grad(x2, dli, **kw),
@@ -293,10 +295,14 @@ def _grid(tiles, warps=(4,), stages=(2,)):
     return [(bt, bc, w, s) for bt, bc in tiles for w in warps for s in stages]
 
 
-# Candidate (bt, bc, num_warps, num_stages) for the kernels that do not already
+# Candidate (bt, bc, num_warps, num_stages[, span]) for the kernels that do not already
 # stream at about copy bandwidth (the pre and post-res ones do, see --mode kernels).
 SWEEP = {
-    "mapping+pre fwd": _grid(((64, 128), (128, 128), (128, 64), (64, 256)), (4, 8), (3,)),
+    "mapping+pre fwd": [
+        (bt, bc, w, 3, span)
+        for bt, bc, w in ((64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 128, 4), (64, 64, 4))
+        for span in (1024, 2048, 4096)
+    ],
     "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1))),
     "mapping+pre x bwd": _grid(
         ((32, 128), (64, 64), (64, 128), (32, 256), (64, 256), (128, 64)), (4, 8)
@@ -316,6 +322,8 @@ def sweep(args) -> dict:
     print(f"sweep at T={t} C={c} n={n} on {jax.devices()[0].device_kind}")
     best = {}
     for name, candidates in SWEEP.items():
+        if args.sweep and name not in args.sweep:
+            continue
         fn, a, _, attr = table[name]
         original, results = getattr(blocks, attr), []
         for cand in candidates:
@@ -348,6 +356,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
+    parser.add_argument(
+        "--sweep", nargs="*", choices=list(SWEEP), default=[], help="Kernels to sweep (all)."
+    )
     args = parser.parse_args()
     if args.reps < 20 and args.mode != "sweep":
         parser.error(f"--reps must be >= 20 for reported timings, got {args.reps}")

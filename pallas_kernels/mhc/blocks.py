@@ -4,7 +4,8 @@ GPU (Triton; every block dimension a power of two):
 
 | kernel            | tokens BT                | columns BC            | warps | notes
 |-------------------|--------------------------|-----------------------|-------|------------------
-| mapping fwd       | 64 (>= 16 for tl.dot)    | 128 (64 fp32), /2 n>4 | 4/8   | loop over n*C
+| mapping proj fwd  | 64 (>= 16 for tl.dot)    | 128 (64 fp32), /2 n>4 | 4/8   | grid (T/BT, spans)
+| mapping coef fwd  | 32 (16 if n > 4)         | -                     | 4     | Sinkhorn
 | mapping coef bwd  | 16 (8 if n > 4)          | -                     | 4     | Sinkhorn VJP
 | mapping dx        | 32 (>= 16 for tl.dot)    | 128 (64 if n > 4)     | 4     | grid (T/BT, C/BC)
 | pre fwd           | 2048 / BC                | min(512, C)           | 4     | grid (T/BT, C/BC)
@@ -14,10 +15,12 @@ GPU (Triton; every block dimension a power of two):
 
 BT is capped at next_pow2(T) and BC at next_pow2(C), but not below 16 where
 tl.dot needs it (every dot dimension >= 16); C and T need not be multiples of
-the blocks: loads and stores are masked. The mapping forward's BT = 64 keeps
+the blocks: loads and stores are masked. The mapping projection's BT = 64 keeps
 phi's re-reads from L2 (kp * n*C * 2 parts * 2 bytes per token block) at about
-the size of the x traffic; on an H100 (T = 32768, C = 4096, n = 4) BT = 32 took
-1.71 ms against 0.99 ms, and BC = 256 1.29 ms. The mapping dx kernel loops
+the size of the x traffic; each program covers ``span`` = 2048 of the n*C
+columns (one stream at C = 2048), so the grid holds n*C/2048 times more
+programs than one looping over whole rows did (that kernel, 128-256 programs at
+the benchmark shapes, ran at 30% of copy bandwidth on an H100). The mapping dx kernel loops
 over the n streams of its (BT, BC) tile, so dy and dli are read once per tile;
 on an H100, with the dphi matmul, (32, 128) took 0.523 ms at T = 16384, C = 2048
 and 0.487 ms at T = 8192, C = 4096, against 0.561 and 0.518 ms for (64, 128);
@@ -41,6 +44,7 @@ TPU_ROW_BUDGET = 16 * 2**20  # bytes of double-buffered token rows per kernel
 TPU_MAX_ROWS = 512  # cap on TPU token-block rows
 TPU_VMEM_CAP = 100 * 2**20  # largest vmem_limit_bytes we ask for (v5e/v5p/v6e hold >= 95 MiB)
 TPU_LANES = 2048  # width of the static in-kernel chunks
+TRITON_MAX_SPAN = 2048  # columns per program of the mapping projection
 
 
 class TritonBlocks(NamedTuple):
@@ -48,6 +52,7 @@ class TritonBlocks(NamedTuple):
     bc: int
     num_warps: int = 4
     num_stages: int = 2
+    span: int = 0  # columns per program of a kernel split over column spans
 
 
 def _np2(v: int) -> int:
@@ -62,14 +67,21 @@ def _cols(c: int, bc: int, floor: int = 1) -> int:
     return max(floor, min(bc, _np2(c)))
 
 
-def triton_mapping_fwd(t: int, kp: int, itemsize: int) -> TritonBlocks:
+def triton_mapping_proj(t: int, nc: int, kp: int, itemsize: int) -> TritonBlocks:
     wide = kp > 32  # n > 4: halve BC so 3 stages of x and phi tiles fit shared memory
+    bc = (128 if itemsize <= 2 else 64) // (2 if wide else 1)
     return TritonBlocks(
         bt=_tokens(t, 64, 16),
-        bc=(128 if itemsize <= 2 else 64) // (2 if wide else 1),
+        bc=bc,
         num_warps=8 if wide else 4,
         num_stages=3,
+        span=max(bc, min(TRITON_MAX_SPAN, _np2(nc))),
     )
+
+
+def triton_mapping_coef_fwd(t: int, kp: int) -> TritonBlocks:
+    """bc is unused: the kernel reads whole (BT, kp) rows."""
+    return TritonBlocks(bt=_tokens(t, 32 if kp <= 32 else 16), bc=0)
 
 
 def triton_mapping_coef_bwd(t: int, kp: int) -> TritonBlocks:

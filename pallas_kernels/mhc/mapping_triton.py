@@ -1,10 +1,10 @@
 """mHC mapping kernels (SPEC §7.1), Pallas Triton backend (GPU).
 
-Forward (one program per BT tokens): one pass over the token block's n*C values
-accumulates ``x @ phi`` (tensor cores, fp32 accumulate) and ``sum(x**2)``
-together, then the coefficients and Sinkhorn run in registers. With the pre
-fused, a second loop re-reads the block (marked evict-last in the first pass
-so that it may still sit in L2) and writes ``layer_input``.
+Forward: a projection kernel, gridded over (token block, column span),
+accumulates ``x @ phi`` (tensor cores, fp32 accumulate) and ``sum(x**2)`` over
+its span; a coefficient kernel sums the spans' partials and runs the
+coefficients and Sinkhorn in registers; with the pre, the pre family's forward
+kernel then reads x again and writes ``layer_input``.
 
 Backward: a coefficient kernel (sigmoid and Sinkhorn VJPs, Sinkhorn recomputed
 from the saved logits) turns the coefficient cotangents into ``dy = d(x @ phi)``
@@ -40,31 +40,42 @@ def _iota(width):
     return jnp.arange(width)[None, :]
 
 
-def _fwd_kernel(x_ref, *refs, n, c, nparts, bt, bc, num_iters, norm_eps, with_pre):
-    parts, info_ref, coef_ref, saved_ref = refs[:nparts], *refs[nparts : nparts + 3]
-    t, nc, kp = x_ref.shape[0], n * c, coef_ref.shape[1]
-    t0 = pl.program_id(0) * bt
+def _proj_kernel(x_ref, *refs, n, nparts, bt, bc, span):
+    parts, part_ref = refs[:nparts], refs[nparts]
+    t, nc, kp = x_ref.shape[0], x_ref.shape[1], part_ref.shape[1]
+    t0, s = pl.program_id(0) * bt, pl.program_id(1)
     rows = row_mask(t0, bt, t)
-    info = _info(info_ref, n)
 
     def body(j, carry):
         acc, sumsq = carry
-        cols = col_mask(j * bc, bc, nc)
-        xb = plgpu.load(
-            x_ref.at[pl.ds(t0, bt), pl.ds(j * bc, bc)],
-            mask=rows & cols,
-            other=0.0,
-            eviction_policy="evict_last",
-        )
-        phis = [plgpu.load(p.at[:, pl.ds(j * bc, bc)], mask=cols, other=0.0) for p in parts]
+        col = s * span + j * bc
+        cols = col_mask(col, bc, nc)
+        xb = plgpu.load(x_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], mask=rows & cols, other=0.0)
+        phis = [plgpu.load(p.at[:, pl.ds(col, bc)], mask=cols, other=0.0) for p in parts]
         xf = xb.astype(F32)
         return acc + project(xb, phis), sumsq + jnp.sum(xf * xf, axis=1, keepdims=True)
 
     init = (jnp.zeros((bt, kp), F32), jnp.zeros((bt, 1), F32))
-    acc, sumsq = lax.fori_loop(0, pl.cdiv(nc, bc), body, init)
+    acc, sumsq = lax.fori_loop(0, span // bc, body, init)
+    # Lanes >= K of acc are 0 (phi^T's zero padding rows): lane K carries sum(x^2).
+    out = jnp.where(_iota(kp) == _coeffs.width(n), sumsq, acc)
+    plgpu.store(part_ref.at[pl.ds(s * t + t0, bt), :], out, mask=rows)
+
+
+def _coef_fwd_kernel(
+    part_ref, info_ref, coef_ref, saved_ref, *, n, nc, splits, bt, num_iters, norm_eps
+):
+    t = coef_ref.shape[0]
+    t0 = pl.program_id(0) * bt
+    rows = row_mask(t0, bt, t)
+    info = _info(info_ref, n)
+    k = _coeffs.width(n)
+    total = plgpu.load(part_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
+    for s in range(1, splits):  # a fixed order: bitwise repeatable
+        total += plgpu.load(part_ref.at[pl.ds(s * t + t0, bt), :], mask=rows, other=0.0)
     coef, saved = _coeffs.forward_epilogue(
-        acc,
-        sumsq,
+        jnp.where(info.lane == k, 0.0, total),
+        _coeffs.lane_column(total, info, k),
         info,
         n=n,
         nc=nc,
@@ -73,54 +84,52 @@ def _fwd_kernel(x_ref, *refs, n, c, nparts, bt, bc, num_iters, norm_eps, with_pr
     )
     plgpu.store(coef_ref.at[pl.ds(t0, bt), :], coef, mask=rows)
     plgpu.store(saved_ref.at[pl.ds(t0, bt), :], saved, mask=rows)
-    if not with_pre:
-        return
-    li_ref = refs[nparts + 3]
-    h = [_coeffs.lane_column(coef, info, i) for i in range(n)]
-
-    @pl.loop(0, pl.cdiv(c, bc))
-    def _(j):
-        mask = rows & col_mask(j * bc, bc, c)
-        li = sum(
-            h[i]
-            * plgpu.load(
-                x_ref.at[pl.ds(t0, bt), pl.ds(i * c + j * bc, bc)],
-                mask=mask,
-                other=0.0,
-                eviction_policy="evict_first",
-            ).astype(F32)
-            for i in range(n)
-        )
-        plgpu.store(li_ref.at[pl.ds(t0, bt), pl.ds(j * bc, bc)], li.astype(li_ref.dtype), mask=mask)
 
 
 def fwd(x2, parts, info, *, n, c, static, with_pre):
-    """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype."""
-    t, kp = x2.shape[0], info.shape[1]
-    blk = blocks.triton_mapping_fwd(t, kp, x2.dtype.itemsize)
+    """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype.
+
+    Three kernels: the projection, split over (token block, column span) so that
+    the grid fills the GPU (one program per token block looping over all n*C
+    columns ran at 30% of copy bandwidth: 128-256 programs of 4 warps cannot keep
+    enough loads in flight), leaves per-span partials of ``x @ phi`` and
+    ``sum(x^2)``; the coefficient kernel sums them and runs the epilogue
+    (Sinkhorn); then the pre kernel reads x again for ``layer_input``.
+    """
+    t, nc, kp = x2.shape[0], x2.shape[1], info.shape[1]
+    blk = blocks.triton_mapping_proj(t, nc, kp, x2.dtype.itemsize)
+    splits = pl.cdiv(nc, blk.span)
+    cp = plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages)
+    partials = pl.pallas_call(
+        functools.partial(
+            _proj_kernel, n=n, nparts=len(parts), bt=blk.bt, bc=blk.bc, span=blk.span
+        ),
+        grid=(pl.cdiv(t, blk.bt), splits),
+        out_shape=jax.ShapeDtypeStruct((splits * t, kp), F32),
+        compiler_params=cp,
+        interpret=static.interpret,
+        name="mhc_mapping_proj_fwd",
+    )(x2, *parts)
+    eblk = blocks.triton_mapping_coef_fwd(t, kp)
     kernel = functools.partial(
-        _fwd_kernel,
+        _coef_fwd_kernel,
         n=n,
-        c=c,
-        nparts=len(parts),
-        bt=blk.bt,
-        bc=blk.bc,
+        nc=nc,
+        splits=splits,
+        bt=eblk.bt,
         num_iters=static.num_iters,
         norm_eps=static.norm_eps,
-        with_pre=with_pre,
     )
-    out_shape = [jax.ShapeDtypeStruct((t, kp), F32)] * 2
-    if with_pre:
-        out_shape.append(jax.ShapeDtypeStruct((t, c), x2.dtype))
-    outs = pl.pallas_call(
+    coef, saved = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(t, blk.bt),),
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        grid=(pl.cdiv(t, eblk.bt),),
+        out_shape=[jax.ShapeDtypeStruct((t, kp), F32)] * 2,
+        compiler_params=plgpu.CompilerParams(num_warps=eblk.num_warps, num_stages=eblk.num_stages),
         interpret=static.interpret,
-        name="mhc_mapping_fwd",
-    )(x2, *parts, info)
-    return outs[0], outs[1], outs[2] if with_pre else None
+        name="mhc_mapping_coef_fwd",
+    )(partials, info)
+    li = pre_triton.fwd(coef, x2.reshape(t, n, c), static) if with_pre else None
+    return coef, saved, li
 
 
 def _coef_bwd_kernel(

@@ -34,7 +34,11 @@ def _fwd_kernel(h_ref, x_ref, o_ref, *, n, c, bt, bc):
 
 
 def fwd(h, x, static):
-    """layer_input (T, C) in x.dtype from h_pre (T, n) and x (T, n, C)."""
+    """layer_input (T, C) in x.dtype from h_pre (T, n) and x (T, n, C).
+
+    h may have more columns than n (the mapping's packed coefficient rows, whose
+    first n lanes are h_pre): only columns 0..n-1 are read.
+    """
     t, n, c = x.shape
     blk = blocks.triton_pre_fwd(t, c)
     return pl.pallas_call(
