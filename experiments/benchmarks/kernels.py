@@ -208,6 +208,7 @@ def kernel_table(d: dict, t: int, n: int, c: int):
     info = _coeffs.column_info(n, kp, d["bias"], d["alpha"])
     parts = _common.phi_parts(d["phi"], kp, BF16)
     phi_b, rows = sum(p.size * 2 for p in parts), t * kp * 4
+    partials = mapping_triton.proj(x2, parts, n=n, static=static)
     coef, saved, _ = mapping_triton.fwd(x2, parts, info, n=n, c=c, static=static, with_pre=True)
     dcoef = jax.random.normal(jax.random.key(1), (t, kp), F32)
     dy = mapping_triton.coef_bwd(saved, dcoef, info, n=n, c=c, static=static)[0]
@@ -223,6 +224,12 @@ def kernel_table(d: dict, t: int, n: int, c: int):
             (x2, parts, info),
             (n + 1) * e + phi_b + 2 * rows,
             "triton_mapping_proj",
+        ),
+        "mapping coef fwd": (
+            lambda partials, info: mapping_triton.coef_fwd(partials, info, **kw),
+            (partials, info),
+            partials.size * 4 + 2 * rows,
+            "triton_mapping_coef_fwd",
         ),
         "pre dh (pass A)": (
             lambda x2, dli: pre_triton.weight_grad(x2, dli, **kw),
@@ -303,10 +310,9 @@ SWEEP = {
         for bt, bc, w in ((64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 128, 4), (64, 64, 4))
         for span in (1024, 2048, 4096)
     ],
-    "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1))),
-    "mapping+pre x bwd": _grid(
-        ((32, 128), (64, 64), (64, 128), (32, 256), (64, 256), (128, 64)), (4, 8)
-    ),
+    "mapping coef fwd": _grid(((16, 1), (32, 1), (64, 1), (128, 1)), (1, 2, 4)),
+    "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1), (64, 1)), (1, 2, 4)),
+    "mapping+pre x bwd": _grid(((32, 128), (64, 128), (32, 256), (64, 64)), (4, 8), (2, 3, 4)),
 }
 
 

@@ -17,10 +17,12 @@ BT is capped at next_pow2(T) and BC at next_pow2(C), but not below 16 where
 tl.dot needs it (every dot dimension >= 16); C and T need not be multiples of
 the blocks: loads and stores are masked. The mapping projection's BT = 64 keeps
 phi's re-reads from L2 (kp * n*C * 2 parts * 2 bytes per token block) at about
-the size of the x traffic; each program covers ``span`` = 2048 of the n*C
-columns (one stream at C = 2048), so the grid holds n*C/2048 times more
-programs than one looping over whole rows did (that kernel, 128-256 programs at
-the benchmark shapes, ran at 30% of copy bandwidth on an H100). The mapping dx kernel loops
+the size of the x traffic; each program covers ``span`` = 4096 of the n*C
+columns, so the grid holds n*C/4096 times more programs than one looping over
+whole rows did (that kernel, 128-256 programs at the benchmark shapes, ran at
+30% of copy bandwidth on an H100). With the pre, the three forward kernels took
+0.291 ms at T = 16384, C = 2048 and 0.274 ms at T = 8192, C = 4096 (spans of
+2048: 0.297, 0.279 ms; one program per token block: 0.463, 0.574 ms). The mapping dx kernel loops
 over the n streams of its (BT, BC) tile, so dy and dli are read once per tile;
 on an H100, with the dphi matmul, (32, 128) took 0.523 ms at T = 16384, C = 2048
 and 0.487 ms at T = 8192, C = 4096, against 0.561 and 0.518 ms for (64, 128);
@@ -44,7 +46,7 @@ TPU_ROW_BUDGET = 16 * 2**20  # bytes of double-buffered token rows per kernel
 TPU_MAX_ROWS = 512  # cap on TPU token-block rows
 TPU_VMEM_CAP = 100 * 2**20  # largest vmem_limit_bytes we ask for (v5e/v5p/v6e hold >= 95 MiB)
 TPU_LANES = 2048  # width of the static in-kernel chunks
-TRITON_MAX_SPAN = 2048  # columns per program of the mapping projection
+TRITON_MAX_SPAN = 4096  # columns per program of the mapping projection
 
 
 class TritonBlocks(NamedTuple):

@@ -86,6 +86,48 @@ def _coef_fwd_kernel(
     plgpu.store(saved_ref.at[pl.ds(t0, bt), :], saved, mask=rows)
 
 
+def proj(x2, parts, *, n, static):
+    """Per-span partials (spans, T, kp) fp32 of ``x @ phi`` (lanes < K), ``sum(x^2)`` (lane K)."""
+    t, nc, kp = x2.shape[0], x2.shape[1], parts[0].shape[0]
+    blk = blocks.triton_mapping_proj(t, nc, kp, x2.dtype.itemsize)
+    spans = pl.cdiv(nc, blk.span)
+    kernel = functools.partial(
+        _proj_kernel, n=n, nparts=len(parts), bt=blk.bt, bc=blk.bc, span=blk.span
+    )
+    partials = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(t, blk.bt), spans),
+        out_shape=jax.ShapeDtypeStruct((spans * t, kp), F32),
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=static.interpret,
+        name="mhc_mapping_proj_fwd",
+    )(x2, *parts)
+    return partials.reshape(spans, t, kp)
+
+
+def coef_fwd(partials, info, *, n, c, static):
+    """(coef, saved) (T, kp) fp32 from ``proj``'s partials."""
+    spans, t, kp = partials.shape
+    blk = blocks.triton_mapping_coef_fwd(t, kp)
+    kernel = functools.partial(
+        _coef_fwd_kernel,
+        n=n,
+        nc=n * c,
+        splits=spans,
+        bt=blk.bt,
+        num_iters=static.num_iters,
+        norm_eps=static.norm_eps,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(t, blk.bt),),
+        out_shape=[jax.ShapeDtypeStruct((t, kp), F32)] * 2,
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=static.interpret,
+        name="mhc_mapping_coef_fwd",
+    )(partials.reshape(spans * t, kp), info)
+
+
 def fwd(x2, parts, info, *, n, c, static, with_pre):
     """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype.
 
@@ -96,39 +138,9 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
     ``sum(x^2)``; the coefficient kernel sums them and runs the epilogue
     (Sinkhorn); then the pre kernel reads x again for ``layer_input``.
     """
-    t, nc, kp = x2.shape[0], x2.shape[1], info.shape[1]
-    blk = blocks.triton_mapping_proj(t, nc, kp, x2.dtype.itemsize)
-    splits = pl.cdiv(nc, blk.span)
-    cp = plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages)
-    partials = pl.pallas_call(
-        functools.partial(
-            _proj_kernel, n=n, nparts=len(parts), bt=blk.bt, bc=blk.bc, span=blk.span
-        ),
-        grid=(pl.cdiv(t, blk.bt), splits),
-        out_shape=jax.ShapeDtypeStruct((splits * t, kp), F32),
-        compiler_params=cp,
-        interpret=static.interpret,
-        name="mhc_mapping_proj_fwd",
-    )(x2, *parts)
-    eblk = blocks.triton_mapping_coef_fwd(t, kp)
-    kernel = functools.partial(
-        _coef_fwd_kernel,
-        n=n,
-        nc=nc,
-        splits=splits,
-        bt=eblk.bt,
-        num_iters=static.num_iters,
-        norm_eps=static.norm_eps,
-    )
-    coef, saved = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(t, eblk.bt),),
-        out_shape=[jax.ShapeDtypeStruct((t, kp), F32)] * 2,
-        compiler_params=plgpu.CompilerParams(num_warps=eblk.num_warps, num_stages=eblk.num_stages),
-        interpret=static.interpret,
-        name="mhc_mapping_coef_fwd",
-    )(partials, info)
-    li = pre_triton.fwd(coef, x2.reshape(t, n, c), static) if with_pre else None
+    partials = proj(x2, parts, n=n, static=static)
+    coef, saved = coef_fwd(partials, info, n=n, c=c, static=static)
+    li = pre_triton.fwd(coef, x2.reshape(x2.shape[0], n, c), static) if with_pre else None
     return coef, saved, li
 
 
