@@ -97,12 +97,26 @@ def test_gpu_profile_breakdown_sums_stream_kernels_by_category():
         ps = f"offset_ps: {start_us}000000 duration_ps: {dur_us}000000"
         return f"events {{ metadata_id: {meta} {ps} }}"
 
-    names = ["mhc_mapping_fwd", "loop_add_fusion", "nvjet_tst_128x256", "cudnn_fmha_fwd", "mhc_x"]
+    names = [
+        "mhc_mapping_fwd",
+        "loop_add_fusion",
+        "nvjet_tst_128x256",
+        "cudnn_fmha_fwd",
+        "mhc_x__1",
+    ]
     metadata = " ".join(
         f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
         for i, n in enumerate(names, 1)
     )
-    stream = " ".join([event(1, 0, 300), event(2, 400, 100), event(3, 600, 1000), event(5, 0, 20)])
+    stream = " ".join(
+        [
+            event(1, 0, 300),
+            event(2, 400, 100),
+            event(3, 600, 1000),
+            event(5, 0, 20),
+            event(5, 0, 40),
+        ]
+    )
     xspace = ProfileData.from_text_proto(
         f"""planes {{ name: "/device:GPU:0"
           lines {{ name: "Stream #13(compute)" {stream} }}
@@ -112,9 +126,10 @@ def test_gpu_profile_breakdown_sums_stream_kernels_by_category():
         planes {{ name: "/host:CPU" lines {{ name: "python" {event(1, 0, 999)} }} {metadata} }}"""
     )
     got = gpu_profile.breakdown(xspace, steps=2, top=2)
-    # per step: mhc (300 + 20) / 2 us, fusion 50, matmul 500, attention 250; ms
+    # per step: mhc (300 + 20 + 40) / 2 us, fusion 50, matmul 500, attention 250; ms
     assert got["by_category"] == pytest.approx(
-        {"mhc kernels": 0.16, "fusions and other": 0.05, "matmul": 0.5, "attention": 0.25}
+        {"mhc kernels": 0.18, "fusions and other": 0.05, "matmul": 0.5, "attention": 0.25}
     )
-    assert got["total_ms"] == pytest.approx(0.96)
+    assert got["total_ms"] == pytest.approx(0.98)
     assert got["top"] == [("nvjet_tst_128x256", 0.5), ("cudnn_fmha_fwd", 0.25)]
+    assert got["mhc"] == [("mhc_mapping_fwd", 0.15, 0.5), ("mhc_x", 0.03, 1.0)]

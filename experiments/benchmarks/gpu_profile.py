@@ -2,10 +2,11 @@
 
 ``summarise(trace_dir, steps)`` reads the ``*.xplane.pb`` that
 ``jax.profiler.trace`` wrote, takes every kernel event on the GPU planes'
-stream lines and returns milliseconds per step by category plus the kernels
-that took longest. Categories, by kernel name: the mHC Pallas kernels
-(``mhc_*``), matmuls (cuBLAS/CUTLASS), attention (cuDNN), copies, and the rest
-(XLA's fused elementwise and reduction kernels, Adam, the loss).
+stream lines and returns milliseconds per step by category, the kernels that
+took longest, and every mHC kernel with its calls per step. Categories, by
+kernel name: the mHC Pallas kernels (``mhc_*``), matmuls (cuBLAS/CUTLASS),
+attention (cuDNN), copies, and the rest (XLA's fused elementwise and reduction
+kernels, Adam, the loss).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 
 CATEGORIES = (
     ("mhc kernels", ("mhc_",)),
@@ -32,9 +34,10 @@ def category(kernel: str) -> str:
     return OTHER
 
 
-def kernel_times(xspace) -> collections.Counter:
-    """Total ns per kernel name over the GPU planes' stream lines of a ProfileData."""
-    totals = collections.Counter()
+def kernel_times(xspace) -> tuple[collections.Counter, collections.Counter]:
+    """Total ns and event count per kernel name over the GPU planes' stream lines
+    of a ProfileData."""
+    totals, counts = collections.Counter(), collections.Counter()
     for plane in xspace.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -43,7 +46,8 @@ def kernel_times(xspace) -> collections.Counter:
                 continue  # derived lines (XLA ops/modules) would count kernels twice
             for event in line.events:
                 totals[event.name] += event.duration_ns
-    return totals
+                counts[event.name] += 1
+    return totals, counts
 
 
 def summarise(trace_dir: str, steps: int, top: int = 12) -> dict:
@@ -58,8 +62,16 @@ def summarise(trace_dir: str, steps: int, top: int = 12) -> dict:
 
 def breakdown(xspace, steps: int, top: int = 12) -> dict:
     """{"by_category": {category: ms per step}, "top": [(kernel, ms per step)],
-    "total_ms": kernel ms per step} of a ProfileData holding ``steps`` steps."""
-    totals = kernel_times(xspace)
+    "mhc": [(kernel, ms per step, calls per step)], "total_ms": kernel ms per step}
+    of a ProfileData holding ``steps`` steps. "mhc" lists every mHC kernel, the
+    copies XLA numbers (``name__1``, ...) merged under one name."""
+    totals, counts = kernel_times(xspace)
+    mhc_ns, mhc_calls = collections.Counter(), collections.Counter()
+    for kernel, ns in totals.items():
+        if category(kernel) == CATEGORIES[0][0]:
+            base = re.sub(r"__\d+$", "", kernel)
+            mhc_ns[base] += ns
+            mhc_calls[base] += counts[kernel]
     by_category = collections.Counter()
     for kernel, ns in totals.items():
         by_category[category(kernel)] += ns
@@ -67,5 +79,6 @@ def breakdown(xspace, steps: int, top: int = 12) -> dict:
     return {
         "by_category": {k: per_step(v) for k, v in sorted(by_category.items())},
         "top": [(k, per_step(v)) for k, v in totals.most_common(top)],
+        "mhc": [(k, per_step(v), mhc_calls[k] / steps) for k, v in mhc_ns.most_common()],
         "total_ms": per_step(sum(totals.values())),
     }

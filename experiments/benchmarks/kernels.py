@@ -225,6 +225,12 @@ def kernel_table(d: dict, t: int, n: int, c: int):
             (n + 1) * e + phi_b + 2 * rows,
             "triton_mapping_proj",
         ),
+        "mapping proj fwd": (
+            lambda x2, parts: mapping_triton.proj(x2, parts, n=n, static=static),
+            (x2, parts),
+            n * e + phi_b + partials.size * 4,
+            "triton_mapping_proj",
+        ),
         "mapping coef fwd": (
             lambda partials, info: mapping_triton.coef_fwd(partials, info, **kw),
             (partials, info),

@@ -197,6 +197,8 @@ def print_profiles(rows: list[dict]) -> None:
         print(f"top kernels of {r['variant']}:")
         for name, ms in r["profile"]["top"]:
             print(f"  {ms:8.2f} ms  {name[:100]}")
+        for name, ms, calls in r["profile"].get("mhc", []):
+            print(f"  {ms:8.2f} ms  {name} ({calls:g} calls, {ms / calls:.3f} ms each)")
 
 
 def main(argv):
