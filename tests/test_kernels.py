@@ -9,7 +9,8 @@ the CPU (exact fp32 matmuls). Errors are ||got - want|| / ||want||.
 T = 83 is no multiple of any token block; the TPU block cap is lowered to 32
 rows so the Mosaic kernels also see several blocks and a partial last one, and
 the Triton mapping projection's column span to 256, so that it sums several
-spans' partials (the last one partial where 256 does not divide n*C).
+spans' partials (the last one partial where 256 does not divide n*C), and the
+mapping dx kernel's span raised to 256, so that it loops over column blocks.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ CPU = jax.devices("cpu")[0]
 def _small_tpu_blocks(monkeypatch):
     monkeypatch.setattr(blocks, "TPU_MAX_ROWS", 32)
     monkeypatch.setattr(blocks, "TRITON_MAX_SPAN", 256)
+    monkeypatch.setattr(blocks, "TRITON_DX_SPAN", 256)
 
 
 def _static(backend: str, **kw) -> Static:

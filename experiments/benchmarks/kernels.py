@@ -318,7 +318,11 @@ SWEEP = {
     ],
     "mapping coef fwd": _grid(((16, 1), (32, 1), (64, 1), (128, 1)), (1, 2, 4)),
     "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1), (64, 1)), (1, 2, 4)),
-    "mapping+pre x bwd": _grid(((32, 128), (64, 128), (32, 256), (64, 64)), (4, 8), (2, 3, 4)),
+    "mapping+pre x bwd": [
+        (bt, bc, 4, stages, span)
+        for bt, bc in ((32, 128), (64, 128), (64, 64))
+        for stages, span in ((2, bc), (3, 512), (3, 1024), (4, 1024), (3, 2048))
+    ],
 }
 
 

@@ -177,36 +177,50 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     )(saved, dcoef, info)
 
 
-def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, with_pre, with_dx_in):
+def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with_dx_in):
     dx_ref, extra = refs[-1], refs[:-1]
     t, kp = x_ref.shape[0], dy_ref.shape[1]
-    t0, c0 = pl.program_id(0) * bt, pl.program_id(1) * bc
-    rows, cols = row_mask(t0, bt, t), col_mask(c0, bc, c)
-    mask = rows & cols
+    t0, span0 = pl.program_id(0) * bt, pl.program_id(1) * span
+    rows = row_mask(t0, bt, t)
     dy = plgpu.load(dy_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
     c_x = jnp.sum(jnp.where(jnp.arange(kp)[None, :] == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
     dys = split(dy, x_ref.dtype)
     if with_pre:
         h_ref, dli_ref = extra[:2]
-        dli = plgpu.load(dli_ref.at[pl.ds(t0, bt), pl.ds(c0, bc)], mask=mask, other=0.0)
-    for i in range(n):
-        col = i * c + c0
-        phi = plgpu.load(phi_ref.at[:, pl.ds(col, bc)], mask=cols, other=0.0)
-        xb = plgpu.load(x_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0)
-        dx = back_project(dys, [phi]) + c_x * xb.astype(F32)
+        h = [
+            plgpu.load(h_ref.at[pl.ds(t0, bt), pl.ds(i, 1)], mask=rows, other=0.0) for i in range(n)
+        ]
+
+    # A loop over the span's column blocks (software-pipelined by num_stages)
+    # rather than one program per block: dy, c_x and h are loaded once per span.
+    @pl.loop(0, span // bc)
+    def _(j):
+        c0 = span0 + j * bc
+        cols = col_mask(c0, bc, c)
+        mask = rows & cols
         if with_pre:
-            h = plgpu.load(h_ref.at[pl.ds(t0, bt), pl.ds(i, 1)], mask=rows, other=0.0)
-            dx = dx + h * dli.astype(F32)
-        if with_dx_in:
-            dx_in = plgpu.load(extra[-1].at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0)
-            dx = dx + dx_in.astype(F32)
-        plgpu.store(dx_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], dx.astype(dx_ref.dtype), mask=mask)
+            dli = plgpu.load(dli_ref.at[pl.ds(t0, bt), pl.ds(c0, bc)], mask=mask, other=0.0)
+        for i in range(n):
+            col = i * c + c0
+            phi = plgpu.load(phi_ref.at[:, pl.ds(col, bc)], mask=cols, other=0.0)
+            xb = plgpu.load(x_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0)
+            dx = back_project(dys, [phi]) + c_x * xb.astype(F32)
+            if with_pre:
+                dx = dx + h[i] * dli.astype(F32)
+            if with_dx_in:
+                dx_in = plgpu.load(
+                    extra[-1].at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0
+                )
+                dx = dx + dx_in.astype(F32)
+            plgpu.store(
+                dx_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], dx.astype(dx_ref.dtype), mask=mask
+            )
 
 
 def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     """(dx2 (T, n*C) in x2.dtype, dphi^T (1, kp, n*C) fp32).
 
-    dx is one kernel over (token block, column block) that streams x, dli and
+    dx is one kernel over (token block, column span) that streams x, dli and
     dx_in once; dphi^T = dy^T x is one XLA matmul (cuBLAS) over all tokens, with
     dy's 16-bit hi and lo parts stacked so that x is read once. (A single kernel
     doing both, gridded over columns with dphi accumulated in registers over a
@@ -222,12 +236,13 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
         c=c,
         bt=blk.bt,
         bc=blk.bc,
+        span=blk.span,
         with_pre=with_pre,
         with_dx_in=dx_in is not None,
     )
     dx2 = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(t, blk.bt), pl.cdiv(c, blk.bc)),
+        grid=(pl.cdiv(t, blk.bt), pl.cdiv(c, blk.span)),
         out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
         interpret=static.interpret,
