@@ -47,7 +47,7 @@ TPU_MAX_ROWS = 512  # cap on TPU token-block rows
 TPU_VMEM_CAP = 100 * 2**20  # largest vmem_limit_bytes we ask for (v5e/v5p/v6e hold >= 95 MiB)
 TPU_LANES = 2048  # width of the static in-kernel chunks
 TRITON_MAX_SPAN = 4096  # columns per program of the mapping projection
-TRITON_DX_SPAN = 128  # columns per program of the mapping dx kernel (a multiple of its BC)
+TRITON_DX_SPAN = 1024  # columns per program of the mapping dx kernel (a multiple of its BC)
 
 
 class TritonBlocks(NamedTuple):
@@ -94,7 +94,8 @@ def triton_mapping_coef_bwd(t: int, kp: int) -> TritonBlocks:
 
 def triton_mapping_dx(t: int, c: int, kp: int = 32) -> TritonBlocks:
     bc = _cols(c, 128 if kp <= 32 else 64, 16)
-    return TritonBlocks(bt=_tokens(t, 32, 16), bc=bc, span=max(bc, min(TRITON_DX_SPAN, _np2(c))))
+    span = max(bc, min(TRITON_DX_SPAN, _np2(c)))
+    return TritonBlocks(bt=_tokens(t, 32, 16), bc=bc, num_stages=3, span=span)
 
 
 def triton_pre_fwd(t: int, c: int) -> TritonBlocks:
