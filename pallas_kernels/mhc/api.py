@@ -134,7 +134,7 @@ def mhc_mappings_and_pre(
     Returns:
       layer_input (..., C) in x.dtype, h_pre (..., n), h_post (..., n),
       h_res (..., n, n). On TPU a token block's rows stay in VMEM, so x is read
-      once; on GPU the pre loop re-reads the block (L2 hits where it still fits).
+      once; on GPU x is read twice (the projection, then the pre kernel).
       With ``tied_streams``, x itself follows as a fifth output: pass it as
       ``apply_post_res``'s x, and the cotangent post-res sends back to x is
       added inside this op's backward kernel, while it writes dx, instead of in

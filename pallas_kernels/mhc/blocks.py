@@ -7,7 +7,7 @@ GPU (Triton; every block dimension a power of two):
 | mapping proj fwd  | 64 (>= 16 for tl.dot)    | 128 (64 fp32), /2 n>4 | 4/8   | grid (T/BT, spans)
 | mapping coef fwd  | 32 (16 if n > 4)         | -                     | 4     | Sinkhorn
 | mapping coef bwd  | 16 (8 if n > 4)          | -                     | 4     | Sinkhorn VJP
-| mapping dx        | 32 (>= 16 for tl.dot)    | 128 (64 if n > 4)     | 4     | grid (T/BT, C/BC)
+| mapping dx        | 32 (>= 16 for tl.dot)    | 128 (64 if n > 4)     | 4     | grid (T/BT, C/1024)
 | pre fwd           | 2048 / BC                | min(512, C)           | 4     | grid (T/BT, C/BC)
 | pre bwd           | 1024 / BC                | min(256, C)           | 4     | loop over C
 | post-res fwd      | 2048 / BC (1024 if n>4)  | min(512, C)           | 4     | grid (T/BT, C/BC)
@@ -18,15 +18,17 @@ tl.dot needs it (every dot dimension >= 16); C and T need not be multiples of
 the blocks: loads and stores are masked. The mapping projection's BT = 64 keeps
 phi's re-reads from L2 (kp * n*C * 2 parts * 2 bytes per token block) at about
 the size of the x traffic; each program covers ``span`` = 4096 of the n*C
-columns, so the grid holds n*C/4096 times more programs than one looping over
-whole rows did (that kernel, 128-256 programs at the benchmark shapes, ran at
-30% of copy bandwidth on an H100). With the pre, the three forward kernels took
-0.291 ms at T = 16384, C = 2048 and 0.274 ms at T = 8192, C = 4096 (spans of
-2048: 0.297, 0.279 ms; one program per token block: 0.463, 0.574 ms). The mapping dx kernel loops
-over the n streams of its (BT, BC) tile, so dy and dli are read once per tile;
-on an H100, with the dphi matmul, (32, 128) took 0.523 ms at T = 16384, C = 2048
-and 0.487 ms at T = 8192, C = 4096, against 0.561 and 0.518 ms for (64, 128);
-no other tile of BT 32-128, BC 64-256, 4 or 8 warps was faster. For n > 4
+columns (n*C/4096 programs per token block). Inside a training step on an H100
+(T = 16384, C = 2048 / T = 8192, C = 4096) the projection, coefficient and pre
+kernels took 0.243 / 0.236 ms per layer, against 0.232 / 0.287 ms for the former
+single kernel per token block (whose pre loop re-read the block from L2).
+The mapping dx kernel loops over the column blocks of a 1024-column span and,
+in each, over the n streams of its (BT, BC) tile, so dy, c_x and h_pre are read
+once per span and dli once per tile. On an H100, with the dphi matmul, (32, 128,
+3 stages, span 1024) took 0.460 / 0.463 ms at T = 16384, C = 2048 / T = 8192,
+C = 4096, the fastest of 15 candidates at both (BT 32-64, BC 64-128, 2-4 stages,
+spans 128-2048); one (32, 128) tile per program took 0.514-0.529 ms at the first.
+In a training step: 0.420 against 0.456 ms per layer at the first shape. For n > 4
 (kp = 128: four times the phi^T rows per tile) BC halves; that size is untuned.
 
 TPU (Mosaic): one token block holds whole rows (n*C values), so a kernel reads
