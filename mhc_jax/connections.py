@@ -1,11 +1,8 @@
-"""Residual, Hyper-Connection (HC) and Manifold-Constrained HC (mHC) connections.
+"""Hyper-Connection (HC) and Manifold-Constrained HC (mHC) math on arrays.
 
-The pure functions compute the math of SPEC §2-§4 on arrays; the Linen modules
-own the parameters and wrap one sub-layer ``F``:
-
-    x_next = connection(x, branch)      # x: (..., n, C), branch: (..., C) -> (..., C)
-
-Every module has this one interface, so a transformer block takes any of them.
+Pure functions for SPEC §2-§4: the mappings (``mhc_mappings``, ``hc_mappings``),
+``apply_pre``, ``apply_post_res`` and the residual init. The Linen modules that
+own the parameters and wrap one sub-layer are in ``connection_modules.py``.
 Coefficient math (``h_pre``, ``h_post``, ``h_res``) is fp32 whatever the
 stream dtype; the apply functions return the stream dtype.
 """
@@ -14,14 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
 from mhc_jax.sinkhorn import sinkhorn_knopp
 
@@ -33,7 +27,7 @@ ROUND_ROBIN_EPS = 0.01  # SPEC §4: the off-stream read weight of the residual i
 RES_DIAGONAL = 0.9  # SPEC §4: h_res diagonal at the residual init.
 
 
-def _check_streams(name: str, x: jax.Array) -> tuple[int, int]:
+def check_streams(name: str, x: jax.Array) -> tuple[int, int]:
     if x.ndim < 2:
         raise ValueError(f"{name}: x must have shape (..., n, C), got {x.shape}")
     return x.shape[-2], x.shape[-1]
@@ -70,7 +64,7 @@ def mhc_mappings(
       h_pre (..., n) in (0, 1), h_post (..., n) in (0, 2), h_res (..., n, n)
       doubly stochastic; all fp32.
     """
-    n, c = _check_streams("mhc_mappings", x)
+    n, c = check_streams("mhc_mappings", x)
     width = n * n + 2 * n
     _check_shape("mhc_mappings", "phi", phi, (n * c, width))
     _check_shape("mhc_mappings", "bias", bias, (width,))
@@ -176,7 +170,7 @@ def hc_mappings(
       h_pre (..., n), h_post (..., n), h_res (..., n, n) fp32, with h_res already
       transposed (``h_res = A_r^T``) so that ``x_next[i] = sum_j h_res[i, j] x[j]``.
     """
-    n, c = _check_streams("hc_mappings", x)
+    n, c = check_streams("hc_mappings", x)
     _check_shape("hc_mappings", "b_pre", b_pre, (n,))
     _check_shape("hc_mappings", "b_post", b_post, (n,))
     _check_shape("hc_mappings", "b_res", b_res, (n, n))
@@ -208,7 +202,7 @@ def _hc_dynamic(x: jax.Array, dynamic: HCDynamicParams, norm_eps: float):
 
 def apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:
     """``layer_input = sum_i h_pre[i] x[i]``: (..., n), (..., n, C) -> (..., C) in x.dtype."""
-    n, _ = _check_streams("apply_pre", x)
+    n, _ = check_streams("apply_pre", x)
     _check_shape("apply_pre", "h_pre", h_pre, (*x.shape[:-2], n))
     return _apply_pre(h_pre, x)
 
@@ -230,7 +224,7 @@ def apply_post_res(h_res: jax.Array, h_post: jax.Array, x: jax.Array, f: jax.Arr
     Returns:
       (..., n, C) in x.dtype.
     """
-    n, c = _check_streams("apply_post_res", x)
+    n, c = check_streams("apply_post_res", x)
     batch = x.shape[:-2]
     _check_shape("apply_post_res", "h_res", h_res, (*batch, n, n))
     _check_shape("apply_post_res", "h_post", h_post, (*batch, n))
@@ -261,155 +255,3 @@ def residual_init_bias(n: int, layer_index: int) -> jax.Array:
     d = math.log(RES_DIAGONAL * (n - 1) / (1 - RES_DIAGONAL)) if n > 1 else 0.0
     res = d * jnp.eye(n, dtype=F32)
     return jnp.concatenate([pre, jnp.zeros((n,), F32), res.reshape(-1)])
-
-
-# ----------------------------------------------------------------------------- modules
-
-Branch = Callable[[jax.Array], jax.Array]
-BRANCH_OUTPUT = "branch_out"  # checkpoint name of every sub-layer output F(.) (remat.py)
-# Checkpoint name of what a connection computes around F: its output streams,
-# layer input and coefficients (remat.py's "save_connections" keeps them).
-CONNECTION_OUTPUT = "connection_out"
-
-
-def _param_init(init, axes: tuple):
-    return nn.with_logical_partitioning(init, axes)
-
-
-def _run_branch(branch: Branch, layer_input: jax.Array) -> jax.Array:
-    return checkpoint_name(branch(checkpoint_name(layer_input, CONNECTION_OUTPUT)), BRANCH_OUTPUT)
-
-
-def _named(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(checkpoint_name(a, CONNECTION_OUTPUT) for a in arrays)
-
-
-def _sow_coefficients(module: nn.Module, h_pre, h_post, h_res) -> None:
-    """Records token-averaged coefficients for diagnostics (SPEC §6); no-op unless
-    the 'diagnostics' collection is mutable."""
-    axes = tuple(range(h_pre.ndim - 1))
-    row_err = jnp.max(jnp.abs(jnp.sum(h_res, axis=-1) - 1.0))
-    col_err = jnp.max(jnp.abs(jnp.sum(h_res, axis=-2) - 1.0))
-    stats = {
-        "h_pre": jnp.mean(h_pre, axis=axes),
-        "h_post": jnp.mean(h_post, axis=axes),
-        "h_res": jnp.mean(h_res, axis=axes),
-        "res_row_err": row_err,
-        "res_col_err": col_err,
-    }
-    module.sow("diagnostics", "coefficients", stats)
-
-
-class Residual(nn.Module):
-    """Plain residual ``x + F(x)`` on a single stream (x: (..., 1, C))."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
-        if x.shape[-2] != 1:
-            raise ValueError(f"Residual: expects n = 1 stream, got x.shape={x.shape}")
-        return _named(x + _run_branch(branch, x[..., 0, :])[..., None, :].astype(x.dtype))[0]
-
-
-class HyperConnection(nn.Module):
-    """HC (Zhu et al.) around one sub-layer; static or dynamic (SPEC §3).
-
-    Attributes:
-      layer_index: sub-layer index k; the static pre reads stream k mod n.
-      dynamic: adds the input-dependent tanh terms.
-      scale_init: init of s_alpha and s_beta.
-      norm_eps: epsilon of the per-stream RMSNorm.
-    """
-
-    layer_index: int
-    dynamic: bool = True
-    scale_init: float = 0.01
-    norm_eps: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
-        n, c = _check_streams("HyperConnection", x)
-        k = self.layer_index
-        streams, pair = ("streams",), ("streams", "streams_out")
-        b_pre = self.param(
-            "b_pre", _param_init(lambda *_: jax.nn.one_hot(k % n, n, dtype=F32), streams)
-        )
-        b_post = self.param("b_post", _param_init(lambda *_: jnp.ones((n,), F32), streams))
-        b_res = self.param("b_res", _param_init(lambda *_: jnp.eye(n, dtype=F32), pair))
-        dyn = None
-        if self.dynamic:
-            zeros = nn.initializers.zeros_init()
-            scale = nn.initializers.constant(self.scale_init)
-            ones = nn.initializers.ones_init()
-            dyn = HCDynamicParams(
-                norm_scale=self.param("norm_scale", _param_init(ones, ("norm",)), (c,), F32),
-                w_pre=self.param("w_pre", _param_init(zeros, ("embed",)), (c,), F32),
-                w_post=self.param("w_post", _param_init(zeros, ("embed",)), (c,), F32),
-                w_res=self.param("w_res", _param_init(zeros, ("embed", "streams")), (c, n), F32),
-                s_alpha=self.param("s_alpha", scale, (), F32),
-                s_beta=self.param("s_beta", scale, (), F32),
-            )
-        h_pre, h_post, h_res = hc_mappings(x, b_pre, b_post, b_res, dyn, norm_eps=self.norm_eps)
-        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
-        _sow_coefficients(self, h_pre, h_post, h_res)
-        f = _run_branch(branch, apply_pre(h_pre, x))
-        return _named(apply_post_res(h_res, h_post, x, f))[0]
-
-
-class ManifoldHyperConnection(nn.Module):
-    """mHC (Xie et al.) around one sub-layer (SPEC §4).
-
-    ``phi`` is stored as (n, C, n*n + 2n), the row-major reshape of SPEC's
-    (n*C, n*n + 2n), so that its C axis can be sharded like the streams' C.
-
-    Attributes:
-      layer_index: sub-layer index k (used by the residual init).
-      num_iters: Sinkhorn iterations.
-      norm_eps: epsilon of the RMS over the n*C flattened streams.
-      init: "residual" (starts as a pre-norm residual network) or "uniform"
-        (all biases 0).
-      alpha_init: init of the three logit scales.
-      impl: "auto" (Pallas kernels on GPU and TPU, pure jnp elsewhere), "xla",
-        "pallas" or "pallas_interpret" (the kernels run by the Pallas interpreter).
-      residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
-        (C split) or "sequence" (T split); read only when a mesh is active.
-    """
-
-    layer_index: int
-    num_iters: int = 20
-    norm_eps: float = 1e-6
-    init: str = "residual"
-    alpha_init: float = 0.01
-    impl: str = "auto"
-    residual_shard: str = "hidden"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
-        from mhc_jax import partitioned  # imports this module: a function-level import
-
-        n, c = _check_streams("ManifoldHyperConnection", x)
-        if self.init not in MHC_INITS:
-            raise ValueError(
-                f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
-            )
-        width = n * n + 2 * n
-        zeros = nn.initializers.zeros_init()
-        phi = self.param("phi", _param_init(zeros, ("streams", "embed", "coeffs")), (n, c, width))
-        if self.init == "residual":
-            init_bias = lambda *_: residual_init_bias(n, self.layer_index)
-        else:
-            init_bias = lambda *_: jnp.zeros((width,), F32)
-        bias = self.param("bias", _param_init(init_bias, ("coeffs",)))
-        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (3,), F32)
-        # At init only shapes matter: pure jnp, unpartitioned (the dummy batch need
-        # not divide the mesh, and no kernel is compiled).
-        init = self.is_initializing()
-        layout = dict(
-            impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
-        )
-        layer_input, h_pre, h_post, h_res, x_tied = partitioned.mhc_pre(
-            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout
-        )
-        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
-        _sow_coefficients(self, h_pre, h_post, h_res)
-        f = _run_branch(branch, layer_input)
-        return _named(partitioned.post_res(h_res, h_post, x_tied, f, **layout))[0]

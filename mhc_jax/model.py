@@ -25,14 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from mhc_jax import remat as remat_lib
-from mhc_jax.connections import (
-    IMPLS,
-    MHC_INITS,
-    RESIDUAL_SHARDS,
-    HyperConnection,
-    ManifoldHyperConnection,
-    Residual,
-)
+from mhc_jax.connection_modules import HyperConnection, ManifoldHyperConnection, Residual
+from mhc_jax.connections import IMPLS, MHC_INITS, RESIDUAL_SHARDS
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
 

@@ -1,0 +1,180 @@
+"""Residual, HC and mHC connections as Linen modules around one sub-layer ``F``.
+
+The modules own the parameters; the math is ``connections.py``'s pure functions
+(mHC's through ``partitioned.py``, which picks the kernels and the mesh layout):
+
+    x_next = connection(x, branch)      # x: (..., n, C), branch: (..., C) -> (..., C)
+
+Every module has this one interface, so a transformer block takes any of them.
+Each tags what it computes around F with checkpoint names that ``remat.py``'s
+policies select.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mhc_jax import partitioned
+from mhc_jax.connections import (
+    MHC_INITS,
+    HCDynamicParams,
+    apply_post_res,
+    apply_pre,
+    check_streams,
+    hc_mappings,
+    residual_init_bias,
+)
+
+F32 = jnp.float32
+
+Branch = Callable[[jax.Array], jax.Array]
+BRANCH_OUTPUT = "branch_out"  # checkpoint name of every sub-layer output F(.) (remat.py)
+# Checkpoint name of what a connection computes around F: its output streams,
+# layer input and coefficients (remat.py's "save_connections" keeps them).
+CONNECTION_OUTPUT = "connection_out"
+
+
+def _param_init(init, axes: tuple):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _run_branch(branch: Branch, layer_input: jax.Array) -> jax.Array:
+    return checkpoint_name(branch(checkpoint_name(layer_input, CONNECTION_OUTPUT)), BRANCH_OUTPUT)
+
+
+def _named(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(checkpoint_name(a, CONNECTION_OUTPUT) for a in arrays)
+
+
+def _sow_coefficients(module: nn.Module, h_pre, h_post, h_res) -> None:
+    """Records token-averaged coefficients for diagnostics (SPEC §6); no-op unless
+    the 'diagnostics' collection is mutable."""
+    axes = tuple(range(h_pre.ndim - 1))
+    row_err = jnp.max(jnp.abs(jnp.sum(h_res, axis=-1) - 1.0))
+    col_err = jnp.max(jnp.abs(jnp.sum(h_res, axis=-2) - 1.0))
+    stats = {
+        "h_pre": jnp.mean(h_pre, axis=axes),
+        "h_post": jnp.mean(h_post, axis=axes),
+        "h_res": jnp.mean(h_res, axis=axes),
+        "res_row_err": row_err,
+        "res_col_err": col_err,
+    }
+    module.sow("diagnostics", "coefficients", stats)
+
+
+class Residual(nn.Module):
+    """Plain residual ``x + F(x)`` on a single stream (x: (..., 1, C))."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        if x.shape[-2] != 1:
+            raise ValueError(f"Residual: expects n = 1 stream, got x.shape={x.shape}")
+        return _named(x + _run_branch(branch, x[..., 0, :])[..., None, :].astype(x.dtype))[0]
+
+
+class HyperConnection(nn.Module):
+    """HC (Zhu et al.) around one sub-layer; static or dynamic (SPEC §3).
+
+    Attributes:
+      layer_index: sub-layer index k; the static pre reads stream k mod n.
+      dynamic: adds the input-dependent tanh terms.
+      scale_init: init of s_alpha and s_beta.
+      norm_eps: epsilon of the per-stream RMSNorm.
+    """
+
+    layer_index: int
+    dynamic: bool = True
+    scale_init: float = 0.01
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        n, c = check_streams("HyperConnection", x)
+        k = self.layer_index
+        streams, pair = ("streams",), ("streams", "streams_out")
+        b_pre = self.param(
+            "b_pre", _param_init(lambda *_: jax.nn.one_hot(k % n, n, dtype=F32), streams)
+        )
+        b_post = self.param("b_post", _param_init(lambda *_: jnp.ones((n,), F32), streams))
+        b_res = self.param("b_res", _param_init(lambda *_: jnp.eye(n, dtype=F32), pair))
+        dyn = None
+        if self.dynamic:
+            zeros = nn.initializers.zeros_init()
+            scale = nn.initializers.constant(self.scale_init)
+            ones = nn.initializers.ones_init()
+            dyn = HCDynamicParams(
+                norm_scale=self.param("norm_scale", _param_init(ones, ("norm",)), (c,), F32),
+                w_pre=self.param("w_pre", _param_init(zeros, ("embed",)), (c,), F32),
+                w_post=self.param("w_post", _param_init(zeros, ("embed",)), (c,), F32),
+                w_res=self.param("w_res", _param_init(zeros, ("embed", "streams")), (c, n), F32),
+                s_alpha=self.param("s_alpha", scale, (), F32),
+                s_beta=self.param("s_beta", scale, (), F32),
+            )
+        h_pre, h_post, h_res = hc_mappings(x, b_pre, b_post, b_res, dyn, norm_eps=self.norm_eps)
+        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
+        _sow_coefficients(self, h_pre, h_post, h_res)
+        f = _run_branch(branch, apply_pre(h_pre, x))
+        return _named(apply_post_res(h_res, h_post, x, f))[0]
+
+
+class ManifoldHyperConnection(nn.Module):
+    """mHC (Xie et al.) around one sub-layer (SPEC §4).
+
+    ``phi`` is stored as (n, C, n*n + 2n), the row-major reshape of SPEC's
+    (n*C, n*n + 2n), so that its C axis can be sharded like the streams' C.
+
+    Attributes:
+      layer_index: sub-layer index k (used by the residual init).
+      num_iters: Sinkhorn iterations.
+      norm_eps: epsilon of the RMS over the n*C flattened streams.
+      init: "residual" (starts as a pre-norm residual network) or "uniform"
+        (all biases 0).
+      alpha_init: init of the three logit scales.
+      impl: "auto" (Pallas kernels on GPU and TPU, pure jnp elsewhere), "xla",
+        "pallas" or "pallas_interpret" (the kernels run by the Pallas interpreter).
+      residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
+        (C split) or "sequence" (T split); read only when a mesh is active.
+    """
+
+    layer_index: int
+    num_iters: int = 20
+    norm_eps: float = 1e-6
+    init: str = "residual"
+    alpha_init: float = 0.01
+    impl: str = "auto"
+    residual_shard: str = "hidden"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        n, c = check_streams("ManifoldHyperConnection", x)
+        if self.init not in MHC_INITS:
+            raise ValueError(
+                f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
+            )
+        width = n * n + 2 * n
+        zeros = nn.initializers.zeros_init()
+        phi = self.param("phi", _param_init(zeros, ("streams", "embed", "coeffs")), (n, c, width))
+        if self.init == "residual":
+            init_bias = lambda *_: residual_init_bias(n, self.layer_index)
+        else:
+            init_bias = lambda *_: jnp.zeros((width,), F32)
+        bias = self.param("bias", _param_init(init_bias, ("coeffs",)))
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (3,), F32)
+        # At init only shapes matter: pure jnp, unpartitioned (the dummy batch need
+        # not divide the mesh, and no kernel is compiled).
+        init = self.is_initializing()
+        layout = dict(
+            impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
+        )
+        layer_input, h_pre, h_post, h_res, x_tied = partitioned.mhc_pre(
+            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout
+        )
+        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
+        _sow_coefficients(self, h_pre, h_post, h_res)
+        f = _run_branch(branch, layer_input)
+        return _named(partitioned.post_res(h_res, h_post, x_tied, f, **layout))[0]
