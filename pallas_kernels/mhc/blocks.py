@@ -97,7 +97,8 @@ def triton_mapping_coef_bwd(t: int, kp: int) -> TritonBlocks:
 def triton_mapping_dx(t: int, c: int, kp: int = 32) -> TritonBlocks:
     bc = _cols(c, 128 if kp <= 32 else 64, 16)
     span = max(bc, min(TRITON_DX_SPAN, _np2(c)))
-    return TritonBlocks(bt=_tokens(t, 32, 16), bc=bc, num_stages=3, span=span)
+    # 3 stages of n > 4's (kp = 128)-row phi tiles overflow shared memory (280 KB).
+    return TritonBlocks(bt=_tokens(t, 32, 16), bc=bc, num_stages=3 if kp <= 32 else 2, span=span)
 
 
 def triton_pre_fwd(t: int, c: int) -> TritonBlocks:
