@@ -66,15 +66,13 @@ def breakdown(xspace, steps: int, top: int = 12) -> dict:
     of a ProfileData holding ``steps`` steps. "mhc" lists every mHC kernel, the
     copies XLA numbers (``name__1``, ...) merged under one name."""
     totals, counts = kernel_times(xspace)
-    mhc_ns, mhc_calls = collections.Counter(), collections.Counter()
+    by_category, mhc_ns, mhc_calls = (collections.Counter() for _ in range(3))
     for kernel, ns in totals.items():
+        by_category[category(kernel)] += ns
         if category(kernel) == CATEGORIES[0][0]:
             base = re.sub(r"__\d+$", "", kernel)
             mhc_ns[base] += ns
             mhc_calls[base] += counts[kernel]
-    by_category = collections.Counter()
-    for kernel, ns in totals.items():
-        by_category[category(kernel)] += ns
     per_step = lambda ns: ns / 1e6 / steps  # noqa: E731
     return {
         "by_category": {k: per_step(v) for k, v in sorted(by_category.items())},

@@ -29,7 +29,9 @@ once per span and dli once per tile. On an H100, with the dphi matmul, (32, 128,
 C = 4096, the fastest of 15 candidates at both (BT 32-64, BC 64-128, 2-4 stages,
 spans 128-2048); one (32, 128) tile per program took 0.514-0.529 ms at the first.
 In a training step: 0.420 against 0.456 ms per layer at the first shape. For n > 4
-(kp = 128: four times the phi^T rows per tile) BC halves; that size is untuned.
+(kp = 128: four times the phi^T rows per tile) BC halves and the pipeline
+keeps 2 stages, as 3 ask for 280 KB of shared memory on an H100; that size is
+untuned.
 
 TPU (Mosaic): one token block holds whole rows (n*C values), so a kernel reads
 x once; BT is the largest multiple of 16 (at most ``TPU_MAX_ROWS``) whose

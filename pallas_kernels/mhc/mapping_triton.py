@@ -9,8 +9,9 @@ kernel then reads x again and writes ``layer_input``.
 Backward: a coefficient kernel (sigmoid and Sinkhorn VJPs, Sinkhorn recomputed
 from the saved logits) turns the coefficient cotangents into ``dy = d(x @ phi)``
 (with the pre fused, ``<x[i], dli>`` first comes from the pre family's kernel),
-then a dx kernel, gridded over (token block, column block), computes
-``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ dx_in)``, and one XLA matmul gives
+then a dx kernel, gridded over (token block, column span) and looping over the
+span's column blocks, computes ``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ dx_in)``,
+and one XLA matmul gives
 ``dphi^T = dy^T x``.
 Refs are whole arrays; loads and stores are masked, so no size need divide a block.
 """
@@ -184,7 +185,7 @@ def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with
     t0, span0 = pl.program_id(0) * bt, pl.program_id(1) * span
     rows = row_mask(t0, bt, t)
     dy = plgpu.load(dy_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
-    c_x = jnp.sum(jnp.where(jnp.arange(kp)[None, :] == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
+    c_x = jnp.sum(jnp.where(_iota(kp) == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
     dys = split(dy, x_ref.dtype)
     if with_pre:
         h_ref, dli_ref = extra[:2]
