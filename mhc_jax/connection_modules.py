@@ -6,18 +6,13 @@ The modules own the parameters; the math is ``connections.py``'s pure functions
     x_next = connection(x, branch)      # x: (..., n, C), branch: (..., C) -> (..., C)
 
 Every module has this one interface, so a transformer block takes any of them.
-With ``fuse_post_res``, mHC hands on a ``PendingPostRes`` instead of x_next
-(the streams, branch output and coefficients of a post-res not yet applied);
-the next mHC module applies it together with its own mapping
-(``partitioned.mhc_transition``: fused kernels on GPU), and ``apply_pending``
-applies the last one. Each tags what it computes around F with checkpoint names that ``remat.py``'s
+Each tags what it computes around F with checkpoint names that ``remat.py``'s
 policies select.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,36 +37,6 @@ BRANCH_OUTPUT = "branch_out"  # checkpoint name of every sub-layer output F(.) (
 # Checkpoint name of what a connection computes around F: its output streams,
 # layer input and coefficients (remat.py's "save_connections" keeps them).
 CONNECTION_OUTPUT = "connection_out"
-
-
-class PendingPostRes(NamedTuple):
-    """Streams after a post-res not yet applied: ``x_next = h_res x + h_post f``.
-
-    x: (..., n, C) and f: (..., C) in the stream dtype; h_res (..., n, n) and
-    h_post (..., n) fp32.
-    """
-
-    x: jax.Array
-    f: jax.Array
-    h_res: jax.Array
-    h_post: jax.Array
-
-    @classmethod
-    def identity(cls, x: jax.Array) -> PendingPostRes:
-        """The pending state whose x_next is x itself (h_res = I, h_post = 0, f = 0):
-        a fixed carry structure for ``nn.scan``; exact, as I x + 0 f rounds to x."""
-        n = x.shape[-2]
-        h_res = jnp.broadcast_to(jnp.eye(n, dtype=F32), (*x.shape[:-2], n, n))
-        return cls(x, jnp.zeros_like(x[..., 0, :]), h_res, jnp.zeros(x.shape[:-1], F32))
-
-
-def apply_pending(state, *, impl: str, residual_shard: str, on_mesh: bool = True) -> jax.Array:
-    """x_next of a ``PendingPostRes`` (a plain array passes through): (..., n, C)."""
-    if not isinstance(state, PendingPostRes):
-        return state
-    layout = dict(impl=impl, residual_shard=residual_shard, on_mesh=on_mesh)
-    x, f, h_res, h_post = state
-    return _named(partitioned.post_res(h_res, h_post, x, f, **layout))[0]
 
 
 def _param_init(init, axes: tuple):
@@ -174,9 +139,6 @@ class ManifoldHyperConnection(nn.Module):
         "pallas" or "pallas_interpret" (the kernels run by the Pallas interpreter).
       residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
         (C split) or "sequence" (T split); read only when a mesh is active.
-      fuse_post_res: return a ``PendingPostRes`` instead of x_next. The input
-        may be a ``PendingPostRes`` either way: its post-res then runs with this
-        layer's mapping (``partitioned.mhc_transition``).
     """
 
     layer_index: int
@@ -186,12 +148,10 @@ class ManifoldHyperConnection(nn.Module):
     alpha_init: float = 0.01
     impl: str = "auto"
     residual_shard: str = "hidden"
-    fuse_post_res: bool = False
 
     @nn.compact
-    def __call__(self, x, branch: Branch):
-        pending = x if isinstance(x, PendingPostRes) else None
-        n, c = check_streams("ManifoldHyperConnection", x if pending is None else pending.x)
+    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
+        n, c = check_streams("ManifoldHyperConnection", x)
         if self.init not in MHC_INITS:
             raise ValueError(
                 f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
@@ -211,17 +171,10 @@ class ManifoldHyperConnection(nn.Module):
         layout = dict(
             impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
-        kw = dict(num_iters=self.num_iters, norm_eps=self.norm_eps, **layout)
-        if pending is None:
-            outs = partitioned.mhc_pre(x, phi, bias, alpha, **kw)
-        else:
-            outs = partitioned.mhc_transition(*pending, phi, bias, alpha, **kw)
-        layer_input, h_pre, h_post, h_res, x_tied = outs
-        if pending is not None:  # x_tied is the previous layer's output streams
-            x_tied = _named(x_tied)[0]
+        layer_input, h_pre, h_post, h_res, x_tied = partitioned.mhc_pre(
+            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout
+        )
         h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
         _sow_coefficients(self, h_pre, h_post, h_res)
         f = _run_branch(branch, layer_input)
-        if self.fuse_post_res:
-            return PendingPostRes(x_tied, f, h_res, h_post)
         return _named(partitioned.post_res(h_res, h_post, x_tied, f, **layout))[0]

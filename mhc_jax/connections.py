@@ -88,34 +88,6 @@ def mhc_mappings_and_pre(
     return apply_pre(h_pre, x), h_pre, h_post, h_res
 
 
-def mhc_transition(
-    x: jax.Array,
-    f: jax.Array,
-    h_res: jax.Array,
-    h_post: jax.Array,
-    phi: jax.Array,
-    bias: jax.Array,
-    alpha: jax.Array,
-    *,
-    num_iters: int = 20,
-    norm_eps: float = 1e-6,
-) -> tuple[jax.Array, ...]:
-    """Post-res of one mHC layer, then mapping + pre of the next.
-
-    Args:
-      x: (..., n, C) streams entering layer l; f: (..., C) its branch output;
-        h_res (..., n, n), h_post (..., n): layer l's coefficients.
-      phi: (n*C, n*n + 2n), bias, alpha: layer l+1's mapping parameters.
-
-    Returns:
-      (layer_input, h_pre, h_post, h_res, x_next) of layer l+1, x_next being
-      layer l's output streams; the unfused counterpart of the fused kernels.
-    """
-    x_next = apply_post_res(h_res, h_post, x, f)
-    outs = mhc_mappings_and_pre(x_next, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
-    return (*outs, x_next)
-
-
 # The fp32 math over (..., n, C) below runs under jax.checkpoint: the backward pass
 # recomputes the fp32 upcasts from the 16-bit streams instead of keeping them
 # (4 bytes per stream element for every layer: more than the streams themselves).

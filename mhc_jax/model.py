@@ -25,13 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mhc_jax import remat as remat_lib
-from mhc_jax.connection_modules import (
-    HyperConnection,
-    ManifoldHyperConnection,
-    PendingPostRes,
-    Residual,
-    apply_pending,
-)
+from mhc_jax.connection_modules import HyperConnection, ManifoldHyperConnection, Residual
 from mhc_jax.connections import IMPLS, MHC_INITS, RESIDUAL_SHARDS
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
@@ -81,10 +75,6 @@ class ModelConfig:
         layers, so num_blocks must be a multiple of it (see ``scan_unit``).
       residual_shard: the streams' layout on a mesh's tensor axis: "hidden" (C)
         or "sequence" (T); see sharding.py.
-      mhc_fuse_layers: mHC only: each connection's post-res runs with the next
-        connection's mapping (``partitioned.mhc_transition``; on GPU fused
-        kernels that share the passes over the streams). Same math and
-        parameters; off runs every connection on its own.
     """
 
     vocab_size: int = 259
@@ -114,7 +104,6 @@ class ModelConfig:
     remat_layers: int = 0
     scan_layers: bool = False
     residual_shard: str = "hidden"
-    mhc_fuse_layers: bool = True
 
     def __post_init__(self):
         def fail(field, allowed):
@@ -154,8 +143,6 @@ class ModelConfig:
         for field in ("mhc_norm_eps", "norm_eps", "init_std", "rope_base"):
             if not getattr(self, field) > 0:
                 fail(field, "> 0")
-        if not isinstance(self.mhc_fuse_layers, bool):
-            fail("mhc_fuse_layers", "a bool")
         if not isinstance(self.remat_layers, int) or self.remat_layers < 0:
             fail("remat_layers", "an integer >= 0 (0 = the paper's default)")
         if self.scan_layers and self.num_blocks % self.scan_unit:
@@ -180,11 +167,6 @@ class ModelConfig:
         """Blocks per scanned step: a multiple of both the remat group and the
         round-robin period (layer k reads stream k mod n: n // gcd(n, 2) blocks)."""
         return math.lcm(self.blocks_per_group, self.n // math.gcd(self.n, 2))
-
-    @property
-    def fuses_layers(self) -> bool:
-        """Whether the blocks carry a ``PendingPostRes`` between mHC connections."""
-        return self.connection == "mhc" and self.mhc_fuse_layers
 
     @property
     def activation_dtype(self) -> jnp.dtype:
@@ -215,14 +197,12 @@ def make_connection(config: ModelConfig, layer_index: int, name: str) -> nn.Modu
         alpha_init=config.mhc_alpha_init,
         impl=config.impl,
         residual_shard=config.residual_shard,
-        fuse_post_res=config.fuses_layers,
         name=name,
     )
 
 
 class Block(nn.Module):
-    """Attention and MLP sub-layers, each wrapped by its connection: (B, T, n, C) -> same
-    (a ``PendingPostRes`` of them when ``config.fuses_layers``)."""
+    """Attention and MLP sub-layers, each wrapped by its connection: (B, T, n, C) -> same."""
 
     config: ModelConfig
     index: int
@@ -246,15 +226,6 @@ class Block(nn.Module):
 STREAM_AXES = ("batch", "seq", "streams", "act_embed")
 
 
-def constrain_streams(state):
-    """Logical sharding constraint on the streams (and a pending post-res's f)."""
-    if not isinstance(state, PendingPostRes):
-        return nn.with_logical_constraint(state, STREAM_AXES)
-    x = nn.with_logical_constraint(state.x, STREAM_AXES)
-    f = nn.with_logical_constraint(state.f, ("batch", "seq", "act_embed"))
-    return state._replace(x=x, f=f)
-
-
 class BlockGroup(nn.Module):
     """``size`` consecutive blocks starting at ``first``: (B, T, n, C) -> same.
 
@@ -273,20 +244,14 @@ class BlockGroup(nn.Module):
         if self.remat_each_block:
             block_cls = nn.remat(Block, policy=remat_lib.checkpoint_policy(self.config.remat))
         for j in range(self.first, self.first + self.size):
-            x = constrain_streams(block_cls(self.config, j, name=f"block_{j}")(x))
+            x = block_cls(self.config, j, name=f"block_{j}")(x)
+            x = nn.with_logical_constraint(x, STREAM_AXES)
         return x, None
 
 
-def run_blocks(config: ModelConfig, x: jax.Array, initializing: bool = False) -> jax.Array:
+def run_blocks(config: ModelConfig, x: jax.Array) -> jax.Array:
     """All blocks, grouped for rematerialisation and optionally scanned (call from a
-    compact method: the groups become submodules of the caller): (B, T, n, C) -> same.
-
-    With ``config.fuses_layers`` the last connection's post-res is applied here;
-    the scanned carry starts as the identity ``PendingPostRes`` (one extra
-    post-res pass) so that every scanned step has the same carry structure.
-    ``initializing``: the caller is in ``init`` (the last post-res then runs as
-    pure jnp, unpartitioned, like the connections' own init).
-    """
+    compact method: the groups become submodules of the caller)."""
     per_group = config.blocks_per_group
     group_remat = config.remat != "none" and per_group > 1
     policy = remat_lib.checkpoint_policy(config.remat)
@@ -305,17 +270,12 @@ def run_blocks(config: ModelConfig, x: jax.Array, initializing: bool = False) ->
             length=config.num_blocks // unit,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        if config.fuses_layers:
-            x = PendingPostRes.identity(x)
         x, _ = scanned(config, 0, unit, remat_blocks, name="scan")(x, None)
-    else:
-        for g, first in enumerate(range(0, config.num_blocks, per_group)):
-            size = min(per_group, config.num_blocks - first)
-            x, _ = group_cls(config, first, size, remat_blocks, name=f"group_{g}")(x)
-    impl = "xla" if initializing else config.impl
-    return apply_pending(
-        x, impl=impl, residual_shard=config.residual_shard, on_mesh=not initializing
-    )
+        return x
+    for g, first in enumerate(range(0, config.num_blocks, per_group)):
+        size = min(per_group, config.num_blocks - first)
+        x, _ = group_cls(config, first, size, remat_blocks, name=f"group_{g}")(x)
+    return x
 
 
 class LM(nn.Module):
@@ -338,7 +298,7 @@ class LM(nn.Module):
         )
         h = embed(tokens)
         x = jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], cfg.n, cfg.d_model))
-        x = run_blocks(cfg, constrain_streams(x), self.is_initializing())
+        x = run_blocks(cfg, nn.with_logical_constraint(x, STREAM_AXES))
         h = self.reduce_streams(x)
         h = RMSNorm(cfg.norm_eps, cfg.activation_dtype, cfg.weight_dtype, name="final_norm")(h)
         if cfg.tie_embeddings:

@@ -32,16 +32,13 @@ class Ops(NamedTuple):
 
     ``mappings_and_pre(x, phi_flat, bias, alpha, num_iters=, norm_eps=)`` returns
     (layer_input, h_pre, h_post, h_res, x_tied), x_tied being x to hand on to
-    ``apply_post_res`` (see ``api.mhc_mappings_and_pre``'s ``tied_streams``);
-    ``transition(x, f, h_res, h_post, phi_flat, bias, alpha, num_iters=, norm_eps=)``
-    is post-res then the next layer's ``mappings_and_pre`` (``api.mhc_transition``);
-    the others are as in connections.py.
+    ``apply_post_res`` (see ``api.mhc_mappings_and_pre``'s ``tied_streams``); the
+    others are as in connections.py.
     """
 
     mappings_and_pre: Callable
     apply_pre: Callable
     apply_post_res: Callable
-    transition: Callable
 
 
 def mhc_ops(impl: str) -> Ops:
@@ -56,7 +53,6 @@ def mhc_ops(impl: str) -> Ops:
             lambda x, *args, **kw: (*connections.mhc_mappings_and_pre(x, *args, **kw), x),
             connections.apply_pre,
             connections.apply_post_res,
-            connections.mhc_transition,
         )
     from pallas_kernels.mhc import api
 
@@ -66,7 +62,6 @@ def mhc_ops(impl: str) -> Ops:
         ),
         lambda h_pre, x: api.apply_pre(h_pre, x, impl=impl),
         lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, impl=impl),
-        lambda *args, **kw: api.mhc_transition(*args, impl=impl, **kw),
     )
 
 
@@ -160,58 +155,3 @@ def post_res(h_res, h_post, x, f, *, impl, residual_shard, on_mesh=True):
         check_vma=impl == "xla",
     )
     return fn(h_res, h_post, x, f)
-
-
-def mhc_transition(
-    x,
-    f,
-    h_res,
-    h_post,
-    phi,
-    bias,
-    alpha,
-    *,
-    impl,
-    residual_shard,
-    num_iters,
-    norm_eps,
-    on_mesh=True,
-):
-    """Post-res of one mHC layer, then mapping and pre-apply of the next.
-
-    Args:
-      x (..., n, C), f (..., C), h_res (..., n, n), h_post (..., n): layer l's
-        streams, branch output and coefficients.
-      phi (n, C, n*n + 2n), bias, alpha: layer l+1's mapping parameters.
-
-    Returns:
-      As ``mhc_pre`` for layer l+1, x_tied being layer l's output streams. On a
-      mesh whose ``tensor`` axis splits C, the projection's partial sums need a
-      ``psum`` between post-res and the coefficients, so the two run unfused.
-    """
-    ops = mhc_ops(impl)
-    mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
-    layout = dict(impl=impl, residual_shard=residual_shard, on_mesh=on_mesh)
-    if c_axis is not None:
-        x_next = post_res(h_res, h_post, x, f, **layout)
-        return mhc_pre(x_next, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps, **layout)
-    n, c, width = phi.shape
-
-    def local(x, f, h_res, h_post, phi, bias, alpha):
-        flat = phi.reshape(n * c, width)
-        return ops.transition(
-            x, f, h_res, h_post, flat, bias, alpha, num_iters=num_iters, norm_eps=norm_eps
-        )
-
-    if mesh is None:
-        return local(x, f, h_res, h_post, phi, bias, alpha)
-    li_spec = P(*x_spec[:2], x_spec[3])
-    coef_specs = (P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None))
-    fn = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(x_spec, li_spec, coef_specs[2], coef_specs[0], P(), P(), P()),
-        out_specs=(li_spec, *coef_specs, x_spec),
-        check_vma=impl == "xla",
-    )
-    return fn(x, f, h_res, h_post, phi, bias, alpha)

@@ -200,14 +200,7 @@ def _row(t, c, name, impl, sec, nbytes, copy_bw, ratio):
 
 def kernel_table(d: dict, t: int, n: int, c: int):
     """Each Triton kernel of the connection alone: name -> (fn, args, bytes, blocks function)."""
-    from pallas_kernels.mhc import (
-        _coeffs,
-        _common,
-        mapping_triton,
-        post_res_triton,
-        pre_triton,
-        transition_triton,
-    )
+    from pallas_kernels.mhc import _coeffs, _common, mapping_triton, post_res_triton, pre_triton
 
     e, kp = t * c * 2, _coeffs.packed_width(n, "triton")
     static = _common.Static()
@@ -263,15 +256,6 @@ def kernel_table(d: dict, t: int, n: int, c: int):
             (x2, dy, parts, coef[:, :n], d["d_li"], x2),
             (3 * n + 1) * e + phi_b + rows + 4 * kp * n * c,
             "triton_mapping_dx",
-        ),
-        # Cross-layer fusion (transition_triton): the backward forming post-res's
-        # output cotangent in registers. x stands in for x_next.
-        "transition bwd": (
-            lambda *a: transition_triton.post_res_dx_bwd(*a, **kw),
-            (d["h_res"].reshape(t, n * n), d["h_post"], x2, d["f"], dy, parts[0])
-            + (coef[:, :n], d["d_li"], d["d_xn"].reshape(t, n * c)),
-            (3 * n + 3) * e + phi_b // 2 + rows,
-            "triton_transition_bwd",
         ),
         "post-res fwd": (
             lambda *a: post_res_triton.fwd(*a, static),
@@ -334,12 +318,6 @@ SWEEP = {
     ],
     "mapping coef fwd": _grid(((16, 1), (32, 1), (64, 1), (128, 1)), (1, 2, 4)),
     "mapping coef bwd": _grid(((8, 1), (16, 1), (32, 1), (64, 1)), (1, 2, 4)),
-    "transition bwd": [
-        (bt, bc, w, s, span)
-        for bt, bc in ((4, 256), (8, 128), (8, 256), (16, 64), (16, 128), (32, 64))
-        for w in (4, 8)
-        for s, span in ((1, 2048), (2, 512), (2, 2048))
-    ],
     "mapping+pre x bwd": [
         (bt, bc, 4, stages, span)
         for bt, bc in ((32, 128), (64, 128), (64, 64))
@@ -374,7 +352,7 @@ def sweep(args) -> dict:
         setattr(blocks, attr, original)
         results.sort()
         best[attr] = results[0][1]
-        print(f"{name}: " + ", ".join(f"{v}: {s * 1e3:.3f} ms" for s, v in results[:8]), flush=True)
+        print(f"{name}: " + ", ".join(f"{v}: {s * 1e3:.3f} ms" for s, v in results[:5]), flush=True)
     return best
 
 

@@ -8,11 +8,9 @@ ratios are measured against a baseline from the same run:
     python experiments/benchmarks/step_overhead.py --shape=medium --mesh=1,1,2 \
         --variants=mhc:pallas:none,mhc:pallas:full,mhc:pallas:save_dots,mhc:pallas:mhc_blocks
 
-A variant is ``connection:impl:remat``, with ``:unfused`` appended for mHC whose
-connections run one by one (``ModelConfig.mhc_fuse_layers=False``). Shapes (seq
-2048 unless set): A = 24 blocks, C 2048, 16 heads, d_ff 5632; B = 12 blocks, C 4096,
-32 heads, d_ff 11008; medium = the ~330M config (24 blocks, C 1024). bf16
-activations, fp32 master weights, AdamW.
+A variant is ``connection:impl:remat``. Shapes (seq 2048 unless set): A = 24 blocks,
+C 2048, 16 heads, d_ff 5632; B = 12 blocks, C 4096, 32 heads, d_ff 11008; medium =
+the ~330M config (24 blocks, C 1024). bf16 activations, fp32 master weights, AdamW.
 
 Reported per variant: step time (median of --steps after --warmup), tokens/s,
 MFU (model FLOPs from mhc_jax.costs: 3x forward, no remat recompute counted, over
@@ -113,9 +111,7 @@ def floor_bytes_per_token(n: int, c: int, itemsize: int = 2) -> float:
 
 
 def run_variant(spec: str, layout_shape, batch_np) -> dict:
-    connection, impl, remat, *options = spec.split(":")
-    if options not in ([], ["unfused"]):
-        raise ValueError(f"variant {spec!r}: the only option after remat is 'unfused'")
+    connection, impl, remat = spec.split(":")
     n = 1 if connection == "residual" else _N.value
     cfg = ModelConfig(
         vocab_size=259,
@@ -126,7 +122,6 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         dtype="bfloat16",
         attention=_ATTENTION.value,
         scan_layers=_SCAN.value,
-        mhc_fuse_layers=not options,
         **SHAPES[_SHAPE.value],
     )
     tx = make_optimizer(OptimizerConfig(warmup_steps=10), 1000)

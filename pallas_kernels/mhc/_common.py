@@ -95,41 +95,6 @@ def phi_parts(phi, kp, dtype):
     return split(phi_t, dtype)
 
 
-def mapping_inputs(x, phi, bias, alpha, backend):
-    """(x2 (T, n*C), phi^T parts, info, n, C) of a mapping on streams x (T, n, C)."""
-    t, n, c = x.shape
-    kp = _coeffs.packed_width(n, backend)
-    info = _coeffs.column_info(n, kp, bias, alpha)
-    return x.reshape(t, n * c), phi_parts(phi, kp, x.dtype), info, n, c
-
-
-def unpack_coefficients(coef, n):
-    """Packed rows (T, kp) -> h_pre (T, n), h_post (T, n), h_res (T, n, n)."""
-    k = _coeffs.width(n)
-    return coef[:, :n], coef[:, n : 2 * n], coef[:, 2 * n : k].reshape(-1, n, n)
-
-
-def packed_cotangent(d_pre, d_post, d_res, kp):
-    """Coefficient cotangents -> packed (T, kp) fp32 rows (zero spare lanes)."""
-    t, n = d_pre.shape
-    pad = jnp.zeros((t, kp - _coeffs.width(n)), F32)
-    return jnp.concatenate(
-        [a.astype(F32).reshape(t, -1) for a in (d_pre, d_post, d_res)] + [pad], 1
-    )
-
-
-def mapping_param_grads(dphi_t, dt_parts, dtraw_parts, phi, bias, alpha, n):
-    """(dphi, dbias, dalpha) from the kernels' block partials (summed in a fixed order)."""
-    k = _coeffs.width(n)
-    dtraw = jnp.sum(dtraw_parts, axis=0)
-    dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
-    return (
-        jnp.sum(dphi_t, axis=0)[:k].T.astype(phi.dtype),
-        jnp.sum(dt_parts, axis=0)[:k].astype(bias.dtype),
-        dalpha.astype(alpha.dtype),
-    )
-
-
 def mapping_op(
     backend: str, fwd: Callable, coef_bwd: Callable, x_bwd: Callable, pre_grad: Callable
 ) -> Callable:
@@ -152,13 +117,23 @@ def mapping_op(
     carry a leading block axis.
     """
 
+    def prepare(x, phi, bias, alpha):
+        t, n, c = x.shape
+        kp = _coeffs.packed_width(n, backend)
+        info = _coeffs.column_info(n, kp, bias, alpha)
+        return x.reshape(t, n * c), phi_parts(phi, kp, x.dtype), info, n, c
+
+    def unpack(coef, n):
+        k = _coeffs.width(n)
+        return coef[:, :n], coef[:, n : 2 * n], coef[:, 2 * n : k].reshape(-1, n, n)
+
     def op_fwd(x, phi, bias, alpha, static, with_pre, tied):
         if tied and not with_pre:
             raise ValueError("mapping op: tied=True needs with_pre=True")
-        x2, parts, info, n, c = mapping_inputs(x, phi, bias, alpha, backend)
+        x2, parts, info, n, c = prepare(x, phi, bias, alpha)
         coef, saved, li = fwd(x2, parts, info, n=n, c=c, static=static, with_pre=with_pre)
         coef, saved = checkpoint_name(coef, KERNEL_OUTPUT), checkpoint_name(saved, KERNEL_OUTPUT)
-        outs = unpack_coefficients(coef, n)
+        outs = unpack(coef, n)
         if with_pre:
             outs = (checkpoint_name(li, KERNEL_OUTPUT), *outs) + ((x,) if tied else ())
         h_pre = outs[1] if with_pre else None
@@ -166,17 +141,27 @@ def mapping_op(
 
     def op_bwd(static, with_pre, tied, residuals, g):
         x, phi, bias, alpha, saved, h_pre = residuals
-        x2, parts, info, n, c = mapping_inputs(x, phi, bias, alpha, backend)
+        x2, parts, info, n, c = prepare(x, phi, bias, alpha)
         dx_in = g[-1].reshape(x2.shape) if tied else None
         g = g[:-1] if tied else g
         dli, g = (g[0], g[1:]) if with_pre else (None, g)
-        dcoef = packed_cotangent(*g, info.shape[1])
+        kp, k = info.shape[1], _coeffs.width(n)
+        d_pre, d_post, d_res = (a.astype(F32) for a in g)
+        dcoef = jnp.concatenate(
+            [d_pre, d_post, d_res.reshape(-1, n * n), jnp.zeros((x2.shape[0], kp - k), F32)], 1
+        )
         if with_pre:
             dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
         dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
         dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, dx_in, n=n, c=c, static=static)
-        grads = mapping_param_grads(dphi_t, dt_parts, dtraw_parts, phi, bias, alpha, n)
-        return (dx2.reshape(x.shape), *grads)
+        dtraw = jnp.sum(dtraw_parts, axis=0)
+        dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
+        return (
+            dx2.reshape(x.shape),
+            jnp.sum(dphi_t, axis=0)[:k].T.astype(phi.dtype),
+            jnp.sum(dt_parts, axis=0)[:k].astype(bias.dtype),
+            dalpha.astype(alpha.dtype),
+        )
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
     def op(x, phi, bias, alpha, static, with_pre, tied):

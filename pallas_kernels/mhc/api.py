@@ -29,7 +29,6 @@ from pallas_kernels.mhc import (
     pre_tpu,
     pre_triton,
     reference,
-    transition_triton,
 )
 from pallas_kernels.mhc._common import Static
 
@@ -192,64 +191,3 @@ def apply_post_res(
         Static(interpret=interpret),
     )
     return out.reshape(x.shape)
-
-
-def mhc_transition(
-    x: jax.Array,
-    f: jax.Array,
-    h_res: jax.Array,
-    h_post: jax.Array,
-    phi: jax.Array,
-    bias: jax.Array,
-    alpha: jax.Array,
-    *,
-    num_iters: int = 20,
-    norm_eps: float = 1e-6,
-    impl: str = "xla",
-) -> tuple[jax.Array, ...]:
-    """``apply_post_res`` of layer l, then ``mhc_mappings_and_pre`` (tied) of layer l+1.
-
-    Args:
-      x: (..., n, C) streams entering layer l; f: (..., C) its branch output;
-        h_res (..., n, n), h_post (..., n): layer l's coefficients.
-      phi (n*C, n*n + 2n), bias, alpha: layer l+1's mapping parameters.
-
-    Returns:
-      (layer_input, h_pre, h_post, h_res, x_next) of layer l+1; hand x_next on
-      as the next post-res's (or transition's) x. On GPU the Triton kernels fuse
-      the two layers' passes over the streams (see ``transition_triton``): post-res
-      writes x_next and projects it in one kernel, and one backward kernel forms
-      x_next's cotangent and runs post-res's backward on it. On TPU this is the
-      two ops run one after the other.
-    """
-    kernels = _kernels(impl, "mhc_transition")
-    kw = dict(num_iters=num_iters, norm_eps=norm_eps)
-    if kernels is None:
-        return reference.mhc_transition(x, f, h_res, h_post, phi, bias, alpha, **kw)
-    if kernels[0][0] is mapping_tpu:
-        x_next = apply_post_res(h_res, h_post, x, f, impl=impl)
-        return mhc_mappings_and_pre(x_next, phi, bias, alpha, tied_streams=True, impl=impl, **kw)
-    fn = "mhc_transition"
-    batch, n, c = _streams(fn, x)
-    _check(fn, "f", f, (*batch, c))
-    _check(fn, "h_res", h_res, (*batch, n, n))
-    _check(fn, "h_post", h_post, (*batch, n))
-    if f.dtype != x.dtype:
-        raise ValueError(f"{fn}: f.dtype must equal x.dtype ({x.dtype}), got {f.dtype}")
-    k = n * n + 2 * n
-    _check(fn, "phi", phi, (n * c, k))
-    _check(fn, "bias", bias, (k,))
-    _check(fn, "alpha", alpha, (3,))
-    t = math.prod(batch)
-    static = _static(fn, num_iters, norm_eps, kernels[1])
-    outs = transition_triton.transition(
-        x.reshape(t, n, c),
-        f.reshape(t, c),
-        h_res.reshape(t, n, n),
-        h_post.reshape(t, n),
-        phi,
-        bias,
-        alpha,
-        static,
-    )
-    return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)

@@ -52,7 +52,6 @@ TPU_VMEM_CAP = 100 * 2**20  # largest vmem_limit_bytes we ask for (v5e/v5p/v6e h
 TPU_LANES = 2048  # width of the static in-kernel chunks
 TRITON_MAX_SPAN = 4096  # columns per program of the mapping projection
 TRITON_DX_SPAN = 1024  # columns per program of the mapping dx kernel (a multiple of its BC)
-TRITON_TRANSITION_BWD_SPAN = 512  # columns of C per program of the fused backward
 
 
 class TritonBlocks(NamedTuple):
@@ -102,12 +101,6 @@ def triton_mapping_dx(t: int, c: int, kp: int = 32) -> TritonBlocks:
     span = max(bc, min(TRITON_DX_SPAN, _np2(c)))
     # 3 stages of n > 4's (kp = 128)-row phi tiles overflow shared memory (280 KB).
     return TritonBlocks(bt=_tokens(t, 32, 16), bc=bc, num_stages=3 if kp <= 32 else 2, span=span)
-
-
-def triton_transition_bwd(t: int, c: int, kp: int = 32) -> TritonBlocks:
-    bc = _cols(c, 128 if kp <= 32 else 64, 16)
-    span = max(bc, min(TRITON_TRANSITION_BWD_SPAN, _np2(c)))
-    return TritonBlocks(bt=_tokens(t, 16, 16), bc=bc, num_warps=4, num_stages=2, span=span)
 
 
 def triton_pre_fwd(t: int, c: int) -> TritonBlocks:

@@ -250,16 +250,9 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
         interpret=static.interpret,
         name="mhc_mapping_dx",
     )(x2, dy, parts[0], *extra)  # back_project reads phi's hi part alone
-    return dx2, phi_grad(dy, x2)
-
-
-def phi_grad(dy, x2):
-    """dphi^T = dy^T x2 as (1, kp, n*C) fp32: one XLA matmul with dy's 16-bit hi and
-    lo parts stacked, so that x2 is read once."""
-    kp = dy.shape[1]
     dys = split(dy, x2.dtype)
     dphi_t = dot_tn(jnp.concatenate(dys, axis=1), x2)  # (len(dys) * kp, n*C)
-    return sum(dphi_t[i * kp : (i + 1) * kp] for i in range(len(dys)))[None]
+    return dx2, sum(dphi_t[i * kp : (i + 1) * kp] for i in range(len(dys)))[None]
 
 
 mapping = mapping_op("triton", fwd, coef_bwd, x_bwd, pre_triton.weight_grad)

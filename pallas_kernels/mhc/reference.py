@@ -1,6 +1,6 @@
 """Pure-jnp references for the mHC kernels.
 
-The mapping, pre, mapping + pre, post-res and transition math is the library's (``mhc_jax``),
+The mapping, pre, mapping + pre and post-res math is the library's (``mhc_jax``),
 re-exported here; this module adds only what the library has no counterpart for:
 a plainly unrolled Sinkhorn (so that autodiff, e.g. in float64, gives the exact
 reference gradient), and the converged-iterate approximation of the Sinkhorn
@@ -13,13 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mhc_jax.connections import (
-    apply_post_res,
-    apply_pre,
-    mhc_mappings,
-    mhc_mappings_and_pre,
-    mhc_transition,
-)
+from mhc_jax.connections import apply_post_res, apply_pre, mhc_mappings, mhc_mappings_and_pre
 from mhc_jax.sinkhorn import LOGIT_FLOOR, sinkhorn_knopp
 
 __all__ = [
@@ -27,7 +21,6 @@ __all__ = [
     "apply_pre",
     "mhc_mappings",
     "mhc_mappings_and_pre",
-    "mhc_transition",
     "sinkhorn_converged_vjp",
     "sinkhorn_unrolled",
 ]
