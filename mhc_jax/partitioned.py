@@ -32,14 +32,13 @@ class Ops(NamedTuple):
 
     ``mappings_and_pre(x, phi_flat, bias, alpha, num_iters=, norm_eps=)`` returns
     (layer_input, h_pre, h_post, h_res, x_tied), x_tied being x to hand on to
-    ``apply_post_res_tied`` alone (see ``api.mhc_mappings_and_pre``'s
-    ``tied_streams``); the others are as in connections.py.
+    ``apply_post_res`` (see ``api.mhc_mappings_and_pre``'s ``tied_streams``); the
+    others are as in connections.py.
     """
 
     mappings_and_pre: Callable
     apply_pre: Callable
     apply_post_res: Callable
-    apply_post_res_tied: Callable
 
 
 def mhc_ops(impl: str) -> Ops:
@@ -54,7 +53,6 @@ def mhc_ops(impl: str) -> Ops:
             lambda x, *args, **kw: (*connections.mhc_mappings_and_pre(x, *args, **kw), x),
             connections.apply_pre,
             connections.apply_post_res,
-            connections.apply_post_res,
         )
     from pallas_kernels.mhc import api
 
@@ -64,7 +62,6 @@ def mhc_ops(impl: str) -> Ops:
         ),
         lambda h_pre, x: api.apply_pre(h_pre, x, impl=impl),
         lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, impl=impl),
-        lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, tied=True, impl=impl),
     )
 
 
@@ -117,9 +114,8 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
 
     Returns:
       layer_input (..., C) in x.dtype; h_pre (..., n), h_post (..., n),
-      h_res (..., n, n) fp32; x_tied: x, to pass as ``post_res``'s x with the
-      same h_res and arguments (with the Pallas kernels post-res then hands its
-      output cotangent back unmixed and the mapping's backward mixes it).
+      h_res (..., n, n) fp32; x_tied: x, to pass as ``post_res``'s x (with the
+      Pallas kernels its cotangent then joins dx inside the mapping's backward).
     """
     ops = mhc_ops(impl)
     mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
@@ -146,15 +142,13 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
 
 
 def post_res(h_res, h_post, x, f, *, impl, residual_shard, on_mesh=True):
-    """``x_next = h_res x + h_post f`` of one mHC layer (shapes as in ``mhc_pre``);
-    x is ``mhc_pre``'s x_tied."""
+    """``x_next = h_res x + h_post f`` of one mHC layer (shapes as in ``mhc_pre``)."""
     ops = mhc_ops(impl)
-    mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
+    mesh, _, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
     if mesh is None:
-        return ops.apply_post_res_tied(h_res, h_post, x, f)
-    # With C split, mhc_pre's mapping is jnp (the projection psum) and x_tied is plain x.
+        return ops.apply_post_res(h_res, h_post, x, f)
     fn = jax.shard_map(
-        ops.apply_post_res if c_axis else ops.apply_post_res_tied,
+        ops.apply_post_res,
         mesh=mesh,
         in_specs=(P(*tok_spec, None, None), P(*tok_spec, None), x_spec, P(*x_spec[:2], x_spec[3])),
         out_specs=x_spec,

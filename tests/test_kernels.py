@@ -163,44 +163,20 @@ def test_mapping_matches_reference(backend, n, c, dtype, with_pre):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,c,dtype", [(4, 200, BF16), (3, 64, F32)])
-def test_tied_mapping_mixes_the_pass_through_cotangent(backend, n, c, dtype):
-    """tied=True returns x as a fifth output, x_tied; its cotangent g (the tied
-    post-res's output cotangent) joins d_x as ``H_res^T g``, H_res held constant
-    (the tied post-res itself returns d h_res)."""
+def test_tied_mapping_adds_the_pass_through_cotangent(backend, n, c, dtype):
+    """tied=True returns x as a fifth output; its cotangent joins d_x in the kernel."""
     rng = _rng("tied", backend, n, c, dtype)
     args = _mapping_inputs(rng, n, c, dtype)
     static = _static(backend)
     kernel = KERNELS[backend][0].mapping
 
     def ref(x, *a):
-        outs = reference.mhc_mappings_and_pre(x, *a)
-        h_res = jax.lax.stop_gradient(outs[3])
-        # Value x; cotangent g pulled back as H_res^T g.
-        mixed = jnp.einsum("tij,tjc->tic", h_res, x.astype(F32))
-        x_tied = jax.lax.stop_gradient(x.astype(F32)) + mixed - jax.lax.stop_gradient(mixed)
-        return (*outs, x_tied.astype(x.dtype))
+        return (*reference.mhc_mappings_and_pre(x, *a), x)
 
     got = _value_and_grads(lambda *a: kernel(*a, static, True, tied=True), args, _rng("cot", n))
     want = _value_and_grads(ref, args, _rng("cot", n), CPU)
     outs = ["layer_input", "h_pre", "h_post", "h_res", "x"]
     _assert_close(got, want, TOL[dtype], outs + ["d_x", "d_phi", "d_bias", "d_alpha"])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,c,dtype", [(4, 200, BF16), (3, 64, F32)])
-def test_tied_post_res_hands_back_its_output_cotangent(backend, n, c, dtype):
-    """tied=True: x's cotangent is dxn itself (the mapping mixes it); the others
-    are the untied op's."""
-    rng = _rng("post_res_tied", backend, n, c, dtype)
-    _, h_post, h_res = _coefficients(rng, n)
-    args = (h_res, h_post, _normal(rng, (T, n, c), dtype), _normal(rng, (T, c), dtype))
-    static = _static(backend)
-    kernel = KERNELS[backend][2].apply_post_res
-    got = _value_and_grads(lambda *a: kernel(*a, static, True), args, _rng("cot", n, c))
-    want = _value_and_grads(reference.apply_post_res, args, _rng("cot", n, c), CPU)
-    cot = _normal(_rng("cot", n, c), (T, n, c), dtype)  # the first cotangent drawn: dxn
-    want = (want[0], (*want[1][:2], cot, want[1][3]))
-    _assert_close(got, want, TOL[dtype], ["x_next", "d_h_res", "d_h_post", "d_x", "d_f"])
 
 
 APPLY_CASES = [(1, 200, BF16), (2, 64, F32), (3, 512, BF16), (4, 200, F32), (8, 512, BF16)]
@@ -240,15 +216,14 @@ def test_post_res_matches_reference(backend, n, c, dtype):
 
 def _connection(impl, fused=True, tied=False):
     """One mHC connection with f given: (layer_input, x_next) from (x, f, phi, bias, alpha).
-    ``tied``: post-res takes the mapping's x_tied and hands its output
-    cotangent back unmixed; the mapping's backward kernel mixes it into dx."""
+    ``tied``: post-res takes the mapping's pass-through x (its cotangent then
+    joins dx inside the mapping's backward kernel)."""
 
     def fn(x, f, phi, bias, alpha):
         if tied:
             li, _, h_post, h_res, x = api.mhc_mappings_and_pre(
                 x, phi, bias, alpha, tied_streams=True, impl=impl
             )
-            return li, api.apply_post_res(h_res, h_post, x, f, tied=True, impl=impl)
         elif fused:
             li, _, h_post, h_res = api.mhc_mappings_and_pre(x, phi, bias, alpha, impl=impl)
         else:
@@ -471,7 +446,7 @@ def test_save_connections_policy_reruns_no_forward_kernel(backend):
     def layers(x, phi, bias, alpha):
         for _ in range(2):
             li, _, h_post, h_res, x = mapping.mapping(x, phi, bias, alpha, static, True, tied=True)
-            x = post_res.apply_post_res(h_res, h_post, x, jnp.tanh(li), static, True)
+            x = post_res.apply_post_res(h_res, h_post, x, jnp.tanh(li), static)
         return jnp.sum(x.astype(F32))
 
     args = (jnp.zeros((t, n, c), BF16), jnp.zeros((n * c, k)), jnp.zeros(k), jnp.zeros(3))

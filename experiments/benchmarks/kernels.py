@@ -114,10 +114,9 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
     def post_res(hr, hp, x, f):
         return api.apply_post_res(hr, hp, x, f, impl=impl)
 
-    def connection(x, f, phi, bias, alpha):  # tied, as in the model
-        maps = api.mhc_mappings_and_pre(x, phi, bias, alpha, tied_streams=True, impl=impl)
-        li, _, h_post, h_res, x_tied = maps
-        return li, api.apply_post_res(h_res, h_post, x_tied, f, tied=True, impl=impl)
+    def connection(x, f, phi, bias, alpha):
+        li, _, h_post, h_res = api.mhc_mappings_and_pre(x, phi, bias, alpha, impl=impl)
+        return li, api.apply_post_res(h_res, h_post, x, f, impl=impl)
 
     h_cots = (d["h_pre"], d["h_post"], d["h_res"])
     post_args = (d["h_res"], d["h_post"], d["x"], d["f"])
@@ -214,7 +213,6 @@ def kernel_table(d: dict, t: int, n: int, c: int):
     dcoef = jax.random.normal(jax.random.key(1), (t, kp), F32)
     dy = mapping_triton.coef_bwd(saved, dcoef, info, n=n, c=c, static=static)[0]
     kw = dict(n=n, c=c, static=static)
-    d_xn2 = d["d_xn"].reshape(t, n * c)
 
     def mapping_fwd(x2, parts, info):
         return mapping_triton.fwd(x2, parts, info, with_pre=True, **kw)
@@ -251,11 +249,11 @@ def kernel_table(d: dict, t: int, n: int, c: int):
             3 * rows,
             "triton_mapping_coef_bwd",
         ),
-        # dx kernel (tied: mixes post-res's output cotangent dxn by H_res^T) + the
-        # dphi matmul; compulsory: x, dli, dxn, dx. The matmul's second read of x is not.
+        # dx kernel + the dphi matmul; compulsory: x, dli, dx_in (post-res's x
+        # cotangent; x2 stands in for it), dx. The matmul's second read of x is not.
         "mapping+pre x bwd": (
             lambda *a: mapping_triton.x_bwd(*a, **kw),
-            (x2, dy, parts, coef[:, :n], d["d_li"], (coef[:, 2 * n : 2 * n + n * n], d_xn2)),
+            (x2, dy, parts, coef[:, :n], d["d_li"], x2),
             (3 * n + 1) * e + phi_b + rows + 4 * kp * n * c,
             "triton_mapping_dx",
         ),
@@ -269,13 +267,6 @@ def kernel_table(d: dict, t: int, n: int, c: int):
             lambda *a: post_res_triton.bwd(*a, static),
             (d["h_res"], d["h_post"], d["x"], d["f"], d["d_xn"]),
             (3 * n + 2) * e,
-            "triton_post_res_bwd",
-        ),
-        # tied (as in the model): no dx, the mapping's dx kernel mixes dxn itself.
-        "post-res bwd (tied)": (
-            lambda *a: post_res_triton.bwd(*a, static, with_dx=False),
-            (d["h_res"], d["h_post"], d["x"], d["f"], d["d_xn"]),
-            (2 * n + 2) * e,
             "triton_post_res_bwd",
         ),
         "pre fwd": (

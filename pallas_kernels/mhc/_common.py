@@ -102,22 +102,19 @@ def mapping_op(
 
     x is (T, n, C); the op returns (h_pre, h_post, h_res), preceded by
     layer_input (T, C) in x.dtype when ``with_pre``. ``tied`` (with the pre only)
-    appends x itself as a last output, x_tied, for ``post_res_op(..., tied=True)``
-    alone: that post-res sends its output cotangent dxn back unmixed as x_tied's
-    cotangent, and this op's x kernel adds ``H_res^T dxn`` (its own h_res) while
-    writing dx. So neither post-res writes ``H_res^T dxn`` as a (T, n, C) slab
-    for this op to read back, nor does autodiff add two stream cotangents in a
-    separate pass. Backend callables:
+    appends x itself as a last output: a caller that feeds it to post-res
+    hands post-res's x cotangent to this op's backward, whose x kernel adds it
+    while writing dx, instead of autodiff adding the two (T, n, C) cotangents in
+    a separate pass (read 2, write 1 stream slab). Backend callables:
 
     * ``fwd(x2, phi_parts, info, *, n, c, static, with_pre) -> (coef, saved, li)``
     * ``coef_bwd(saved, dcoef, info, *, n, c, static) -> (dy, dt_parts, dtraw_parts)``
-    * ``x_bwd(x2, dy, phi_parts, h_pre, dli, res_mix, *, n, c, static) -> (dx2, dphi_t_parts)``
+    * ``x_bwd(x2, dy, phi_parts, h_pre, dli, dx_in, *, n, c, static) -> (dx2, dphi_t_parts)``
     * ``pre_grad(x2, dli, *, n, c, static) -> (T, n)``: <x[i], dli>, the pre's d h_pre
 
     with x2 = x.reshape(T, n*C); ``h_pre``/``dli`` of ``x_bwd`` are None unless
-    ``with_pre``; ``res_mix`` is None unless ``tied``, else (h_res (T, n*n) fp32
-    row-major, dxn (T, n*C)), and dx gets ``sum_i h_res[i, j] dxn[i]`` on stream j;
-    partials carry a leading block axis.
+    ``with_pre``, ``dx_in`` (T, n*C) (added to dx) None unless ``tied``; partials
+    carry a leading block axis.
     """
 
     def prepare(x, phi, bias, alpha):
@@ -140,13 +137,12 @@ def mapping_op(
         if with_pre:
             outs = (checkpoint_name(li, KERNEL_OUTPUT), *outs) + ((x,) if tied else ())
         h_pre = outs[1] if with_pre else None
-        h_res = coef[:, 2 * n : _coeffs.width(n)] if tied else None
-        return outs, (x, phi, bias, alpha, saved, h_pre, h_res)
+        return outs, (x, phi, bias, alpha, saved, h_pre)
 
     def op_bwd(static, with_pre, tied, residuals, g):
-        x, phi, bias, alpha, saved, h_pre, h_res = residuals
+        x, phi, bias, alpha, saved, h_pre = residuals
         x2, parts, info, n, c = prepare(x, phi, bias, alpha)
-        res_mix = (h_res, g[-1].reshape(x2.shape)) if tied else None
+        dx_in = g[-1].reshape(x2.shape) if tied else None
         g = g[:-1] if tied else g
         dli, g = (g[0], g[1:]) if with_pre else (None, g)
         kp, k = info.shape[1], _coeffs.width(n)
@@ -157,7 +153,7 @@ def mapping_op(
         if with_pre:
             dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
         dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
-        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, res_mix, n=n, c=c, static=static)
+        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, dx_in, n=n, c=c, static=static)
         dtraw = jnp.sum(dtraw_parts, axis=0)
         dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
         return (
@@ -220,33 +216,22 @@ def pre_op(fwd: Callable, bwd: Callable) -> Callable:
 
 
 def post_res_op(fwd: Callable, bwd: Callable) -> Callable:
-    """``op(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static, tied=False)
-    -> (T, n, C)`` from ``fwd(h_res, h_post, x, f, static)`` and
-    ``bwd(h_res, h_post, x, f, dxn, static, with_dx) -> (dh_res, dh_post, dx, df)``
-    (dx None unless ``with_dx``).
+    """``op(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static) -> (T, n, C)``
+    from ``fwd(h_res, h_post, x, f, static)`` and
+    ``bwd(h_res, h_post, x, f, dxn, static) -> (dh_res, dh_post, dx, df)``."""
 
-    ``tied`` is for x = a mapping op's x_tied (see ``mapping_op``) with the same
-    h_res: x's cotangent is then dxn itself, which that op mixes by ``H_res^T``
-    inside its own dx kernel, and the post-res backward writes no dx.
-    """
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-    def op(h_res, h_post, x, f, static, tied):
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def op(h_res, h_post, x, f, static):
         return fwd(h_res, h_post, x, f, static)
 
-    def op_fwd(h_res, h_post, x, f, static, tied):
+    def op_fwd(h_res, h_post, x, f, static):
         out = checkpoint_name(fwd(h_res, h_post, x, f, static), KERNEL_OUTPUT)
         return out, (h_res, h_post, x, f)
 
-    def op_bwd(static, tied, residuals, dxn):
+    def op_bwd(static, residuals, dxn):
         h_res, h_post, x, f = residuals
-        dh_res, dh_post, dx, df = bwd(h_res, h_post, x, f, dxn, static, not tied)
-        dx = dxn.astype(x.dtype) if tied else dx
+        dh_res, dh_post, dx, df = bwd(h_res, h_post, x, f, dxn, static)
         return dh_res.astype(h_res.dtype), dh_post.astype(h_post.dtype), dx, df
 
     op.defvjp(op_fwd, op_bwd)
-
-    def apply_post_res(h_res, h_post, x, f, static, tied=False):
-        return op(h_res, h_post, x, f, static, tied)
-
-    return apply_post_res
+    return op

@@ -135,14 +135,10 @@ def mhc_mappings_and_pre(
       layer_input (..., C) in x.dtype, h_pre (..., n), h_post (..., n),
       h_res (..., n, n). On TPU a token block's rows stay in VMEM, so x is read
       once; on GPU x is read twice (the projection, then the pre kernel).
-      With ``tied_streams``, x itself follows as a fifth output, x_tied, whose
-      one use must be as the x of ``apply_post_res(h_res, h_post, x_tied, f,
-      tied=True, impl=<the same impl>)`` with this call's h_res: that post-res
-      hands its output cotangent dxn back unmixed, and this op's backward
-      kernel adds ``H_res^T dxn`` while it writes dx. The backward then moves
-      one (..., n, C) slab less than two ops each complete on their own (no
-      mixed cotangent written by post-res and read back here) and needs no
-      separate pass adding two stream cotangents.
+      With ``tied_streams``, x itself follows as a fifth output: pass it as
+      ``apply_post_res``'s x, and the cotangent post-res sends back to x is
+      added inside this op's backward kernel, while it writes dx, instead of in
+      a separate pass over three (..., n, C) arrays.
     """
     kernels = _kernels(impl, "mhc_mappings_and_pre")
     if kernels is None:
@@ -168,22 +164,12 @@ def apply_pre(h_pre: jax.Array, x: jax.Array, *, impl: str = "xla") -> jax.Array
 
 
 def apply_post_res(
-    h_res: jax.Array,
-    h_post: jax.Array,
-    x: jax.Array,
-    f: jax.Array,
-    *,
-    tied: bool = False,
-    impl: str = "xla",
+    h_res: jax.Array, h_post: jax.Array, x: jax.Array, f: jax.Array, *, impl: str = "xla"
 ) -> jax.Array:
     """``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``.
 
     Args:
       h_res: (..., n, n); h_post: (..., n); x: (..., n, C); f: (..., C).
-      tied: x is ``mhc_mappings_and_pre(..., tied_streams=True)``'s x_tied for
-        this h_res (see there). With the Pallas kernels, x's cotangent is then
-        x_next's cotangent, which that op mixes by ``H_res^T`` itself; with
-        "xla" it has no effect (the xla x_tied is plain x).
 
     Returns:
       (..., n, C) in x.dtype.
@@ -203,6 +189,5 @@ def apply_post_res(
         x.reshape(t, n, c),
         f.reshape(t, c),
         Static(interpret=interpret),
-        tied,
     )
     return out.reshape(x.shape)

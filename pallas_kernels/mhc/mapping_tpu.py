@@ -5,8 +5,7 @@ accumulate), ``sum(x**2)``, the coefficients, Sinkhorn and, when fused, the
 pre-apply all read x once. Backward: a coefficient kernel (sigmoid and Sinkhorn
 VJPs, Sinkhorn recomputed from the saved logits) produces ``dy = d(x @ phi)``
 (with the pre fused, ``<x[i], dli>`` first comes from the pre family's kernel);
-an x kernel writes ``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ H_res^T dxn)`` (the
-last with the tied post-res, see ``_common.mapping_op``) and accumulates
+an x kernel writes ``dx = dy @ phi^T + c_x x (+ h_pre dli)`` and accumulates
 ``dphi^T = dy^T x`` in its resident output block over the (sequential) token
 grid. Rows past T in a last partial block are masked before any reduction
 over tokens.
@@ -123,7 +122,7 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     return dy, dt[:, 0], dtraw[:, 0]
 
 
-def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, t, nparts, with_pre, with_mix):
+def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, t, nparts, with_pre, with_dx_in):
     parts = refs[:nparts]
     extra = refs[nparts:-2]
     dx_ref, dphi_ref = refs[-2:]
@@ -132,35 +131,30 @@ def _x_bwd_kernel(x_ref, dy_ref, *refs, n, c, t, nparts, with_pre, with_mix):
     dy = jnp.where(ok, dy_ref[...], 0.0)
     c_x = jnp.sum(jnp.where(_tpu_io.lane_index(kp) == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
     dys = split(dy, x_ref.dtype)
-    if with_mix:
-        hres_ref, dxn_ref = extra[-2:]
-        h_res = [hres_ref[:, k : k + 1] for k in range(n * n)]
 
     @pl.when(pl.program_id(0) == 0)
     def _():
         dphi_ref[...] = jnp.zeros_like(dphi_ref)
 
-    for a, w in blocks.tpu_chunks(c):
-        if with_mix:
-            dxn = [dxn_ref[:, k * c + a : k * c + a + w].astype(F32) for k in range(n)]
-        for i in range(n):
+    for i in range(n):
+        for a, w in blocks.tpu_chunks(c):
             col = i * c + a
             xb = jnp.where(ok, x_ref[:, col : col + w], 0.0).astype(x_ref.dtype)
             dx = back_project(dys, [p[:, col : col + w] for p in parts]) + c_x * xb.astype(F32)
             if with_pre:
                 h_ref, dli_ref = extra[:2]
                 dx = dx + h_ref[:, i : i + 1].astype(F32) * dli_ref[:, a : a + w].astype(F32)
-            if with_mix:
-                dx = dx + sum(h_res[k * n + i] * dxn[k] for k in range(n))
+            if with_dx_in:
+                dx = dx + extra[-1][:, col : col + w].astype(F32)
             dx_ref[:, col : col + w] = dx.astype(dx_ref.dtype)
             dphi_ref[:, col : col + w] += phi_outer(dys, xb)
 
 
-def x_bwd(x2, dy, parts, h_pre, dli, res_mix, *, n, c, static):
+def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     """(dx2 (T, n*C) in x2.dtype, dphi^T partials (1, kp, n*C) fp32)."""
     t, kp = dy.shape
-    with_pre, with_mix = h_pre is not None, res_mix is not None
-    ins = [x2, dy] + ([h_pre, dli] if with_pre else []) + (list(res_mix) if with_mix else [])
+    with_pre, with_dx_in = h_pre is not None, dx_in is not None
+    ins = [x2, dy] + ([h_pre, dli] if with_pre else []) + ([dx_in] if with_dx_in else [])
     rows = _tpu_io.row_bytes(*ins, x2)
     dphi = jax.ShapeDtypeStruct((kp, n * c), F32)
     consts = _tpu_io.const_bytes(*parts, dphi)
@@ -172,14 +166,14 @@ def x_bwd(x2, dy, parts, h_pre, dli, res_mix, *, n, c, static):
         t=t,
         nparts=len(parts),
         with_pre=with_pre,
-        with_mix=with_mix,
+        with_dx_in=with_dx_in,
     )
     in_specs = [_tpu_io.rows_spec(bt, n * c), _tpu_io.rows_spec(bt, kp)]
     in_specs += [_tpu_io.full_spec(p.shape) for p in parts]
     if with_pre:
         in_specs += [_tpu_io.rows_spec(bt, n), _tpu_io.rows_spec(bt, c)]
-    if with_mix:
-        in_specs += [_tpu_io.rows_spec(bt, n * n), _tpu_io.rows_spec(bt, n * c)]
+    if with_dx_in:
+        in_specs.append(_tpu_io.rows_spec(bt, n * c))
     dx2, dphi_t = pl.pallas_call(
         kernel,
         grid=grid,

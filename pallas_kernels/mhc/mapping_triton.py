@@ -10,9 +10,8 @@ Backward: a coefficient kernel (sigmoid and Sinkhorn VJPs, Sinkhorn recomputed
 from the saved logits) turns the coefficient cotangents into ``dy = d(x @ phi)``
 (with the pre fused, ``<x[i], dli>`` first comes from the pre family's kernel),
 then a dx kernel, gridded over (token block, column span) and looping over the
-span's column blocks, computes
-``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ H_res^T dxn)`` (the last with the
-tied post-res, see ``_common.mapping_op``), and one XLA matmul gives
+span's column blocks, computes ``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ dx_in)``,
+and one XLA matmul gives
 ``dphi^T = dy^T x``.
 Refs are whole arrays; loads and stores are masked, so no size need divide a block.
 """
@@ -180,7 +179,7 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     )(saved, dcoef, info)
 
 
-def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with_mix):
+def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with_dx_in):
     dx_ref, extra = refs[-1], refs[:-1]
     t, kp = x_ref.shape[0], dy_ref.shape[1]
     t0, span0 = pl.program_id(0) * bt, pl.program_id(1) * span
@@ -188,21 +187,14 @@ def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with
     dy = plgpu.load(dy_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
     c_x = jnp.sum(jnp.where(_iota(kp) == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
     dys = split(dy, x_ref.dtype)
-
-    def columns(ref, count):
-        cols = [ref.at[pl.ds(t0, bt), pl.ds(k, 1)] for k in range(count)]
-        return [plgpu.load(col, mask=rows, other=0.0) for col in cols]
-
     if with_pre:
         h_ref, dli_ref = extra[:2]
-        h = columns(h_ref, n)
-    if with_mix:
-        hres_ref, dxn_ref = extra[-2:]
-        h_res = columns(hres_ref, n * n)
+        h = [
+            plgpu.load(h_ref.at[pl.ds(t0, bt), pl.ds(i, 1)], mask=rows, other=0.0) for i in range(n)
+        ]
 
     # A loop over the span's column blocks (software-pipelined by num_stages)
-    # rather than one program per block: dy, c_x and the coefficients are loaded
-    # once per span, dli and the n dxn tiles once per column block.
+    # rather than one program per block: dy, c_x and h are loaded once per span.
     @pl.loop(0, span // bc)
     def _(j):
         c0 = span0 + j * bc
@@ -210,11 +202,6 @@ def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with
         mask = rows & cols
         if with_pre:
             dli = plgpu.load(dli_ref.at[pl.ds(t0, bt), pl.ds(c0, bc)], mask=mask, other=0.0)
-        if with_mix:
-            dxn = [
-                plgpu.load(dxn_ref.at[pl.ds(t0, bt), pl.ds(k * c + c0, bc)], mask=mask, other=0.0)
-                for k in range(n)
-            ]
         for i in range(n):
             col = i * c + c0
             phi = plgpu.load(phi_ref.at[:, pl.ds(col, bc)], mask=cols, other=0.0)
@@ -222,27 +209,29 @@ def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with
             dx = back_project(dys, [phi]) + c_x * xb.astype(F32)
             if with_pre:
                 dx = dx + h[i] * dli.astype(F32)
-            if with_mix:
-                dx = dx + sum(h_res[k * n + i] * dxn[k].astype(F32) for k in range(n))
+            if with_dx_in:
+                dx_in = plgpu.load(
+                    extra[-1].at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0
+                )
+                dx = dx + dx_in.astype(F32)
             plgpu.store(
                 dx_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], dx.astype(dx_ref.dtype), mask=mask
             )
 
 
-def x_bwd(x2, dy, parts, h_pre, dli, res_mix, *, n, c, static):
+def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     """(dx2 (T, n*C) in x2.dtype, dphi^T (1, kp, n*C) fp32).
 
-    dx is one kernel over (token block, column span) that streams x, dli and the
-    tied post-res cotangent dxn once; dphi^T = dy^T x is one XLA matmul (cuBLAS)
-    over all tokens, with dy's 16-bit hi and lo parts stacked so that x is read
-    once. (A single kernel doing both, gridded over columns with dphi accumulated
-    in registers over a token range, was latency-bound at 30-40% of copy
-    bandwidth on an H100.)
+    dx is one kernel over (token block, column span) that streams x, dli and
+    dx_in once; dphi^T = dy^T x is one XLA matmul (cuBLAS) over all tokens, with
+    dy's 16-bit hi and lo parts stacked so that x is read once. (A single kernel
+    doing both, gridded over columns with dphi accumulated in registers over a
+    token range, was latency-bound at 30-40% of copy bandwidth on an H100.)
     """
     t, kp = dy.shape
     blk = blocks.triton_mapping_dx(t, c, kp)
     with_pre = h_pre is not None
-    extra = ((h_pre, dli) if with_pre else ()) + (tuple(res_mix) if res_mix is not None else ())
+    extra = ((h_pre, dli) if with_pre else ()) + ((dx_in,) if dx_in is not None else ())
     kernel = functools.partial(
         _dx_kernel,
         n=n,
@@ -251,7 +240,7 @@ def x_bwd(x2, dy, parts, h_pre, dli, res_mix, *, n, c, static):
         bc=blk.bc,
         span=blk.span,
         with_pre=with_pre,
-        with_mix=res_mix is not None,
+        with_dx_in=dx_in is not None,
     )
     dx2 = pl.pallas_call(
         kernel,

@@ -1,10 +1,9 @@
 """Post-res-apply kernels (SPEC §7.3), Pallas Mosaic TPU backend.
 
 Forward ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f`` and backward
-``df = sum_i h_post[i] dxn[i]``, ``dh_res[i, j] = <dxn[i], x[j]>``,
-``dh_post[i] = <dxn[i], f>`` and, unless x is a mapping's x_tied,
-``dx[j] = sum_i h_res[i, j] dxn[i]``: one program per token block of whole rows,
-static lane chunks, fp32 math.
+``dx[j] = sum_i h_res[i, j] dxn[i]``, ``df = sum_i h_post[i] dxn[i]``,
+``dh_res[i, j] = <dxn[i], x[j]>``, ``dh_post[i] = <dxn[i], f>``: one program
+per token block of whole rows, static lane chunks, fp32 math.
 """
 
 from __future__ import annotations
@@ -54,17 +53,18 @@ def fwd(h_res, h_post, x, f, static):
     return res.reshape(x.shape)
 
 
-def _bwd_kernel(hres_ref, hpost_ref, x_ref, f_ref, dxn_ref, *outs, n, c, with_dx):
-    df_ref, dhres_ref, dhpost_ref = outs[-3:]
+def _bwd_kernel(
+    hres_ref, hpost_ref, x_ref, f_ref, dxn_ref, dx_ref, df_ref, dhres_ref, dhpost_ref, *, n, c
+):
     h_res, h_post = _columns(hres_ref, n * n), _columns(hpost_ref, n)
     accs = [jnp.zeros((x_ref.shape[0], 1), F32) for _ in range(n * n + n)]
     for a, w in blocks.tpu_chunks(c):
         xs = [x_ref[:, j * c + a : j * c + a + w].astype(F32) for j in range(n)]
         ds = [dxn_ref[:, i * c + a : i * c + a + w].astype(F32) for i in range(n)]
         f = f_ref[:, a : a + w].astype(F32)
-        for j in range(n if with_dx else 0):
+        for j in range(n):
             dx = sum(h_res[i * n + j] * ds[i] for i in range(n))
-            outs[0][:, j * c + a : j * c + a + w] = dx.astype(outs[0].dtype)
+            dx_ref[:, j * c + a : j * c + a + w] = dx.astype(dx_ref.dtype)
         df_ref[:, a : a + w] = sum(h_post[i] * ds[i] for i in range(n)).astype(df_ref.dtype)
         pairs = [(ds[i], xs[j]) for i in range(n) for j in range(n)] + [(d, f) for d in ds]
         accs = [acc + jnp.sum(u * v, axis=1, keepdims=True) for acc, (u, v) in zip(accs, pairs)]
@@ -73,19 +73,19 @@ def _bwd_kernel(hres_ref, hpost_ref, x_ref, f_ref, dxn_ref, *outs, n, c, with_dx
         ref[...] = sum(jnp.where(lane == k, v, 0.0) for k, v in enumerate(vals))
 
 
-def bwd(h_res, h_post, x, f, dxn, static, with_dx=True):
-    """(dh_res, dh_post) fp32, dx in x.dtype (None unless with_dx), df in f.dtype for
-    cotangent dxn."""
+def bwd(h_res, h_post, x, f, dxn, static):
+    """(dh_res, dh_post) fp32, dx in x.dtype, df in f.dtype for cotangent dxn."""
     t, n, c = x.shape
     ins = [h_res.reshape(t, n * n), h_post, x.reshape(t, n * c), f, dxn.reshape(t, n * c)]
-    outs = [jax.ShapeDtypeStruct((t, n * c), x.dtype)] * with_dx + [
+    outs = [
+        jax.ShapeDtypeStruct((t, n * c), x.dtype),
         jax.ShapeDtypeStruct((t, c), f.dtype),
         jax.ShapeDtypeStruct((t, n * n), F32),
         jax.ShapeDtypeStruct((t, n), F32),
     ]
     bt, grid, params = _tpu_io.plan(t, _tpu_io.row_bytes(*ins, *outs), 0, "post-res bwd")
-    res = pl.pallas_call(
-        functools.partial(_bwd_kernel, n=n, c=c, with_dx=with_dx),
+    dx, df, dh_res, dh_post = pl.pallas_call(
+        functools.partial(_bwd_kernel, n=n, c=c),
         grid=grid,
         in_specs=[_tpu_io.rows_spec(bt, a.shape[1]) for a in ins],
         out_specs=[_tpu_io.rows_spec(bt, o.shape[1]) for o in outs],
@@ -94,11 +94,9 @@ def bwd(h_res, h_post, x, f, dxn, static, with_dx=True):
         interpret=static.interpret,
         name="mhc_post_res_bwd",
     )(*ins)
-    df, dh_res, dh_post = res[-3:]
-    dx = res[0].reshape(x.shape) if with_dx else None
-    return dh_res.reshape(t, n, n), dh_post, dx, df
+    return dh_res.reshape(t, n, n), dh_post, dx.reshape(x.shape), df
 
 
 apply_post_res = post_res_op(fwd, bwd)
-"""``apply_post_res(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static,
-tied=False)`` -> (T, n, C) in x.dtype, differentiable (see ``_common.post_res_op``)."""
+"""``apply_post_res(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static)``
+-> (T, n, C) in x.dtype, differentiable."""

@@ -3,10 +3,9 @@
 Forward ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``: reads (n+1)C,
 writes nC per token, gridded over (token block, column block). Backward, one
 program per token block looping over C:
-``df = sum_i h_post[i] dxn[i]``, the coefficient cotangents
-``dh_res[i, j] = <dxn[i], x[j]>``, ``dh_post[i] = <dxn[i], f>`` as row reductions
-of each chunk, summed in fp32 registers (no atomics), and, unless x is a
-mapping's x_tied (whose op mixes dxn itself), ``dx[j] = sum_i h_res[i, j] dxn[i]``.
+``dx[j] = sum_i h_res[i, j] dxn[i]``, ``df = sum_i h_post[i] dxn[i]`` and the
+coefficient cotangents ``dh_res[i, j] = <dxn[i], x[j]>``, ``dh_post[i] = <dxn[i], f>``
+as row reductions of each chunk, summed in fp32 registers (no atomics).
 """
 
 from __future__ import annotations
@@ -56,9 +55,22 @@ def fwd(h_res, h_post, x, f, static):
     return out.reshape(x.shape)
 
 
-def _bwd_kernel(hres_ref, hpost_ref, x_ref, f_ref, dxn_ref, *outs, n, c, bt, bc, with_dx):
-    dx_ref = outs[0] if with_dx else None
-    df_ref, dhres_ref, dhpost_ref = outs[-3:]
+def _bwd_kernel(
+    hres_ref,
+    hpost_ref,
+    x_ref,
+    f_ref,
+    dxn_ref,
+    dx_ref,
+    df_ref,
+    dhres_ref,
+    dhpost_ref,
+    *,
+    n,
+    c,
+    bt,
+    bc,
+):
     t0 = pl.program_id(0) * bt
     rows = row_mask(t0, bt, x_ref.shape[0])
     h_res = coeff_columns(hres_ref, t0, bt, rows, n * n)
@@ -69,7 +81,7 @@ def _bwd_kernel(hres_ref, hpost_ref, x_ref, f_ref, dxn_ref, *outs, n, c, bt, bc,
         xs = [load_f32(x_ref, t0, bt, k * c + j * bc, bc, mask) for k in range(n)]
         ds = [load_f32(dxn_ref, t0, bt, k * c + j * bc, bc, mask) for k in range(n)]
         f = load_f32(f_ref, t0, bt, j * bc, bc, mask)
-        for k in range(n if with_dx else 0):
+        for k in range(n):
             dx = sum(h_res[i * n + k] * ds[i] for i in range(n))
             plgpu.store(
                 dx_ref.at[pl.ds(t0, bt), pl.ds(k * c + j * bc, bc)],
@@ -87,16 +99,15 @@ def _bwd_kernel(hres_ref, hpost_ref, x_ref, f_ref, dxn_ref, *outs, n, c, bt, bc,
     store_columns(dhpost_ref, t0, bt, rows, accs[n * n :])
 
 
-def bwd(h_res, h_post, x, f, dxn, static, with_dx=True):
-    """(dh_res, dh_post) fp32, dx in x.dtype (None unless with_dx), df in f.dtype for
-    cotangent dxn."""
+def bwd(h_res, h_post, x, f, dxn, static):
+    """(dh_res, dh_post) fp32, dx in x.dtype, df in f.dtype for cotangent dxn."""
     t, n, c = x.shape
     blk = blocks.triton_post_res_bwd(t, n, c)
-    outs = pl.pallas_call(
-        functools.partial(_bwd_kernel, n=n, c=c, bt=blk.bt, bc=blk.bc, with_dx=with_dx),
+    dx, df, dh_res, dh_post = pl.pallas_call(
+        functools.partial(_bwd_kernel, n=n, c=c, bt=blk.bt, bc=blk.bc),
         grid=(pl.cdiv(t, blk.bt),),
-        out_shape=[jax.ShapeDtypeStruct((t, n * c), x.dtype)] * with_dx
-        + [
+        out_shape=[
+            jax.ShapeDtypeStruct((t, n * c), x.dtype),
             jax.ShapeDtypeStruct((t, c), f.dtype),
             jax.ShapeDtypeStruct((t, n * n), F32),
             jax.ShapeDtypeStruct((t, n), F32),
@@ -105,11 +116,9 @@ def bwd(h_res, h_post, x, f, dxn, static, with_dx=True):
         interpret=static.interpret,
         name="mhc_post_res_bwd",
     )(h_res.reshape(t, n * n), h_post, x.reshape(t, n * c), f, dxn.reshape(t, n * c))
-    df, dh_res, dh_post = outs[-3:]
-    dx = outs[0].reshape(x.shape) if with_dx else None
-    return dh_res.reshape(t, n, n), dh_post, dx, df
+    return dh_res.reshape(t, n, n), dh_post, dx.reshape(x.shape), df
 
 
 apply_post_res = post_res_op(fwd, bwd)
-"""``apply_post_res(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static,
-tied=False)`` -> (T, n, C) in x.dtype, differentiable (see ``_common.post_res_op``)."""
+"""``apply_post_res(h_res (T, n, n), h_post (T, n), x (T, n, C), f (T, C), static)``
+-> (T, n, C) in x.dtype, differentiable."""
