@@ -1,7 +1,9 @@
-"""The benchmark scripts: the overhead floor and the multi-device scaling table."""
+"""The benchmark scripts: the overhead floor, the multi-device scaling table, the
+stream-overlap probe."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +135,25 @@ def test_gpu_profile_breakdown_sums_stream_kernels_by_category():
     assert got["total_ms"] == pytest.approx(0.98)
     assert got["top"] == [("nvjet_tst_128x256", 0.5), ("cudnn_fmha_fwd", 0.25)]
     assert got["mhc"] == [("mhc_mapping_fwd", 0.15, 0.5), ("mhc_x", 0.03, 1.0)]
+
+
+def test_stream_overlap_probe_puts_each_layers_kernel_on_stream_1():
+    """Lowered for CUDA on any host: the streamed program wraps every layer's kernel
+    in a stream-1 call (the grouped one also tags scheduling groups); the
+    same-stream program has the same kernels and no annotation."""
+    import stream_overlap
+
+    progs = stream_overlap.programs(64, 4, 256, 512, layers=2)
+
+    def lowered(name):
+        fn, args = progs[name]
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    calls = r"= call @\S+\(.*_xla_stream_annotation = \"1\""
+    kernels = r"custom_call @\S*triton\S*\("
+    same, streamed, grouped = (lowered(n) for n in ("same stream", "stream 1", "stream 1, grouped"))
+    assert len(re.findall(kernels, same)) == 2 and "_xla_stream_annotation" not in same
+    for text in (streamed, grouped):  # streamed functions holding the kernel, called twice
+        assert len(re.findall(kernels, text)) >= 1
+        assert len(re.findall(calls, text)) == 2
+    assert "_scheduling_group_id" in grouped and "_scheduling_group_id" not in streamed
