@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 from jax.experimental import compute_on as _compute_on
+from jax.experimental.xla_metadata import set_xla_metadata
 
 from pallas_kernels.mhc import post_res_triton
 from pallas_kernels.mhc._common import Static
@@ -36,14 +37,10 @@ _ON = getattr(_compute_on, "compute_on2", _compute_on.compute_on)
 
 def on_stream(fn, stream: int):
     """fn as one call on GPU stream ``stream`` (outputs in device memory)."""
-    from jax._src.core import MemorySpace
-
-    return _ON(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=MemorySpace.Device)
+    return _ON(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)
 
 
 def scheduling_group(i: int):
-    from jax._src.xla_metadata import set_xla_metadata
-
     return set_xla_metadata(_scheduling_group_id=str(i))
 
 
