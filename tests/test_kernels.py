@@ -369,7 +369,7 @@ LOWERINGS = {
 # Kernels per op: forward, and forward + backward under jax.grad. The Triton
 # mapping forward is 2 kernels (projection, coefficients), + 1 with the pre.
 LOWER_OPS = {
-    "triton": {"mapping": (2, 4), "mapping_and_pre": (3, 4), "pre": (1, 2), "post_res": (1, 2)},
+    "triton": {"mapping": (2, 4), "mapping_and_pre": (3, 6), "pre": (1, 2), "post_res": (1, 2)},
     "tpu": {"mapping": (1, 3), "mapping_and_pre": (1, 4), "pre": (1, 2), "post_res": (1, 2)},
 }
 
@@ -455,8 +455,7 @@ def test_save_connections_policy_reruns_no_forward_kernel(backend):
         checkpointed = jax.checkpoint(layers, policy=checkpoint_policy(policy))
         grad = jax.value_and_grad(checkpointed, argnums=(0, 1))
         live = _live_kernels(jax.make_jaxpr(grad)(*args).jaxpr)
-        backward = {"triton": 2, "tpu": 4}[backend]
-        assert len(live) - sum(name.endswith("_fwd") for name in live) == 2 * backward, live
+        assert len(live) - sum(name.endswith("_fwd") for name in live) == 2 * 4, live
         return sum(name.endswith("_fwd") for name in live)
 
     per_layer = {"triton": 4, "tpu": 2}[backend]

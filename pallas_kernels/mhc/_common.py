@@ -96,12 +96,7 @@ def phi_parts(phi, kp, dtype):
 
 
 def mapping_op(
-    backend: str,
-    fwd: Callable,
-    coef_bwd: Callable,
-    x_bwd: Callable,
-    pre_grad: Callable,
-    pre_bwd: Callable | None = None,
+    backend: str, fwd: Callable, coef_bwd: Callable, x_bwd: Callable, pre_grad: Callable
 ) -> Callable:
     """Builds ``op(x, phi, bias, alpha, static, with_pre, tied=False)`` with a custom VJP.
 
@@ -116,9 +111,6 @@ def mapping_op(
     * ``coef_bwd(saved, dcoef, info, *, n, c, static) -> (dy, dt_parts, dtraw_parts)``
     * ``x_bwd(x2, dy, phi_parts, h_pre, dli, dx_in, *, n, c, static) -> (dx2, dphi_t_parts)``
     * ``pre_grad(x2, dli, *, n, c, static) -> (T, n)``: <x[i], dli>, the pre's d h_pre
-    * optionally ``pre_bwd(x2, dli, saved, dcoef, info, phi_parts, h_pre, dx_in, *, n, c,
-      static) -> (dx2, dphi_t_parts, dt_parts, dtraw_parts)``: with the pre, the three
-      steps above (pre_grad, coef_bwd, x_bwd) in one
 
     with x2 = x.reshape(T, n*C); ``h_pre``/``dli`` of ``x_bwd`` are None unless
     ``with_pre``, ``dx_in`` (T, n*C) (added to dx) None unless ``tied``; partials
@@ -158,15 +150,10 @@ def mapping_op(
         dcoef = jnp.concatenate(
             [d_pre, d_post, d_res.reshape(-1, n * n), jnp.zeros((x2.shape[0], kp - k), F32)], 1
         )
-        if with_pre and pre_bwd is not None:
-            dx2, dphi_t, dt_parts, dtraw_parts = pre_bwd(
-                x2, dli, saved, dcoef, info, parts, h_pre, dx_in, n=n, c=c, static=static
-            )
-        else:
-            if with_pre:
-                dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
-            dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
-            dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, dx_in, n=n, c=c, static=static)
+        if with_pre:
+            dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
+        dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
+        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, dx_in, n=n, c=c, static=static)
         dtraw = jnp.sum(dtraw_parts, axis=0)
         dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
         return (

@@ -103,11 +103,6 @@ def triton_mapping_dx(t: int, c: int, kp: int = 32) -> TritonBlocks:
     return TritonBlocks(bt=_tokens(t, 32, 16), bc=bc, num_stages=3 if kp <= 32 else 2, span=span)
 
 
-def triton_mapping_pre_bwd(t: int, c: int, kp: int = 32) -> TritonBlocks:
-    bc = _cols(c, 128 if kp <= 32 else 64, 16)
-    return TritonBlocks(bt=_tokens(t, 16, 16), bc=bc, num_stages=3 if kp <= 32 else 2, span=-1)
-
-
 def triton_pre_fwd(t: int, c: int) -> TritonBlocks:
     bc = _cols(c, 512)
     return TritonBlocks(bt=_tokens(t, max(1, 2048 // bc)), bc=bc)

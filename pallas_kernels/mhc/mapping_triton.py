@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mhc import _coeffs, blocks, pre_triton
 from pallas_kernels.mhc._common import back_project, dot_tn, mapping_op, project, split
-from pallas_kernels.mhc._triton_io import coeff_columns, col_mask, load_f32, row_mask
+from pallas_kernels.mhc._triton_io import col_mask, row_mask
 
 F32 = jnp.float32
 
@@ -179,59 +179,44 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     )(saved, dcoef, info)
 
 
-def _dx_columns(x_ref, dy, phi_ref, dx_ref, t0, rows, blocks_, *, n, c, bc, pre, dx_in_ref):
-    """Writes dx = dy @ phi^T + c_x x (+ h_pre dli) (+ dx_in) for the column blocks
-    ``blocks_`` yields (a loop index -> column offset map) of the token block at t0.
-
-    ``pre`` is None or (h, dli_ref) with h the n (BT, 1) fp32 h_pre columns.
-    """
-    kp = dy.shape[1]
-    c_x = jnp.sum(jnp.where(_iota(kp) == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
-    dys = split(dy, x_ref.dtype)
-    count, offset = blocks_
-
-    # A loop over column blocks (software-pipelined by num_stages) rather than
-    # one program per block: dy, c_x and h are loaded once per program.
-    @pl.loop(0, count)
-    def _(j):
-        c0 = offset(j)
-        cols = col_mask(c0, bc, c)
-        mask = rows & cols
-        if pre is not None:
-            dli = plgpu.load(pre[1].at[pl.ds(t0, dy.shape[0]), pl.ds(c0, bc)], mask=mask, other=0.0)
-        for i in range(n):
-            col = i * c + c0
-            tile = (pl.ds(t0, dy.shape[0]), pl.ds(col, bc))
-            phi = plgpu.load(phi_ref.at[:, pl.ds(col, bc)], mask=cols, other=0.0)
-            xb = plgpu.load(x_ref.at[tile], mask=mask, other=0.0)
-            dx = back_project(dys, [phi]) + c_x * xb.astype(F32)
-            if pre is not None:
-                dx = dx + pre[0][i] * dli.astype(F32)
-            if dx_in_ref is not None:
-                dx = dx + plgpu.load(dx_in_ref.at[tile], mask=mask, other=0.0).astype(F32)
-            plgpu.store(dx_ref.at[tile], dx.astype(dx_ref.dtype), mask=mask)
-
-
 def _dx_kernel(x_ref, dy_ref, phi_ref, *refs, n, c, bt, bc, span, with_pre, with_dx_in):
     dx_ref, extra = refs[-1], refs[:-1]
+    t, kp = x_ref.shape[0], dy_ref.shape[1]
     t0, span0 = pl.program_id(0) * bt, pl.program_id(1) * span
-    rows = row_mask(t0, bt, x_ref.shape[0])
+    rows = row_mask(t0, bt, t)
     dy = plgpu.load(dy_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
-    pre = (coeff_columns(extra[0], t0, bt, rows, n), extra[1]) if with_pre else None
-    _dx_columns(
-        x_ref,
-        dy,
-        phi_ref,
-        dx_ref,
-        t0,
-        rows,
-        (span // bc, lambda j: span0 + j * bc),
-        n=n,
-        c=c,
-        bc=bc,
-        pre=pre,
-        dx_in_ref=extra[-1] if with_dx_in else None,
-    )
+    c_x = jnp.sum(jnp.where(_iota(kp) == _coeffs.width(n), dy, 0.0), 1, keepdims=True)
+    dys = split(dy, x_ref.dtype)
+    if with_pre:
+        h_ref, dli_ref = extra[:2]
+        h = [
+            plgpu.load(h_ref.at[pl.ds(t0, bt), pl.ds(i, 1)], mask=rows, other=0.0) for i in range(n)
+        ]
+
+    # A loop over the span's column blocks (software-pipelined by num_stages)
+    # rather than one program per block: dy, c_x and h are loaded once per span.
+    @pl.loop(0, span // bc)
+    def _(j):
+        c0 = span0 + j * bc
+        cols = col_mask(c0, bc, c)
+        mask = rows & cols
+        if with_pre:
+            dli = plgpu.load(dli_ref.at[pl.ds(t0, bt), pl.ds(c0, bc)], mask=mask, other=0.0)
+        for i in range(n):
+            col = i * c + c0
+            phi = plgpu.load(phi_ref.at[:, pl.ds(col, bc)], mask=cols, other=0.0)
+            xb = plgpu.load(x_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0)
+            dx = back_project(dys, [phi]) + c_x * xb.astype(F32)
+            if with_pre:
+                dx = dx + h[i] * dli.astype(F32)
+            if with_dx_in:
+                dx_in = plgpu.load(
+                    extra[-1].at[pl.ds(t0, bt), pl.ds(col, bc)], mask=mask, other=0.0
+                )
+                dx = dx + dx_in.astype(F32)
+            plgpu.store(
+                dx_ref.at[pl.ds(t0, bt), pl.ds(col, bc)], dx.astype(dx_ref.dtype), mask=mask
+            )
 
 
 def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
@@ -265,115 +250,10 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
         interpret=static.interpret,
         name="mhc_mapping_dx",
     )(x2, dy, parts[0], *extra)  # back_project reads phi's hi part alone
-    return dx2, _dphi_t(dy, x2)
-
-
-def _dphi_t(dy, x2):
-    """dphi^T (1, kp, n*C) fp32 = dy^T x: one XLA matmul with dy's 16-bit hi and lo
-    parts stacked, so that x is read once."""
-    kp = dy.shape[1]
     dys = split(dy, x2.dtype)
     dphi_t = dot_tn(jnp.concatenate(dys, axis=1), x2)  # (len(dys) * kp, n*C)
-    return sum(dphi_t[i * kp : (i + 1) * kp] for i in range(len(dys)))[None]
+    return dx2, sum(dphi_t[i * kp : (i + 1) * kp] for i in range(len(dys)))[None]
 
 
-def _pre_bwd_kernel(
-    x_ref,
-    dli_ref,
-    saved_ref,
-    dcoef_ref,
-    info_ref,
-    phi_ref,
-    h_ref,
-    *refs,
-    n,
-    c,
-    bt,
-    bc,
-    num_iters,
-    with_dx_in,
-    reverse,
-):
-    dx_ref, dy_ref, dt_ref, dtraw_ref = refs[-4:]
-    pid = pl.program_id(0)
-    t0 = pid * bt
-    rows = row_mask(t0, bt, x_ref.shape[0])
-    count = pl.cdiv(c, bc)
-
-    def pre_dots(j, accs):  # pass 1: dh_pre[i] = <x[i], dli> over the whole rows
-        mask = rows & col_mask(j * bc, bc, c)
-        dli = load_f32(dli_ref, t0, bt, j * bc, bc, mask)
-        return tuple(
-            a + jnp.sum(load_f32(x_ref, t0, bt, i * c + j * bc, bc, mask) * dli, 1, keepdims=True)
-            for i, a in enumerate(accs)
-        )
-
-    dh = lax.fori_loop(0, count, pre_dots, tuple(jnp.zeros((bt, 1), F32) for _ in range(n)))
-    info = _info(info_ref, n)
-    dcoef = plgpu.load(dcoef_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
-    dcoef = dcoef + sum(jnp.where(info.lane == i, d, 0.0) for i, d in enumerate(dh))
-    saved = plgpu.load(saved_ref.at[pl.ds(t0, bt), :], mask=rows, other=1.0)
-    dy, dt, dtraw = _coeffs.backward_epilogue(
-        saved, dcoef, info, n=n, nc=n * c, num_iters=num_iters
-    )
-    plgpu.store(dy_ref.at[pl.ds(t0, bt), :], dy, mask=rows)
-    for ref, val in ((dt_ref, dt), (dtraw_ref, dtraw)):
-        plgpu.store(ref.at[pl.ds(pid, 1), :], jnp.sum(jnp.where(rows, val, 0.0), 0, keepdims=True))
-    # Pass 2 re-reads the block's x and dli, last column block first: those
-    # were read last in pass 1, so they are the likeliest still in L2.
-    offset = (lambda j: (count - 1 - j) * bc) if reverse else (lambda j: j * bc)
-    _dx_columns(
-        x_ref,
-        dy,
-        phi_ref,
-        dx_ref,
-        t0,
-        rows,
-        (count, offset),
-        n=n,
-        c=c,
-        bc=bc,
-        pre=(coeff_columns(h_ref, t0, bt, rows, n), dli_ref),
-        dx_in_ref=refs[0] if with_dx_in else None,
-    )
-
-
-def pre_bwd(x2, dli, saved, dcoef, info, parts, h_pre, dx_in, *, n, c, static):
-    """The mapping + pre backward in one kernel: (dx2, dphi^T parts, dt parts, dt*raw parts).
-
-    One program per token block makes two passes over its whole rows: the
-    first sums ``<x[i], dli>`` into the pre's coefficient cotangent, then the
-    coefficient backward (sigmoid and Sinkhorn VJPs) runs in registers, and the
-    second writes dx as ``x_bwd``'s kernel does. dphi^T is ``x_bwd``'s matmul.
-    """
-    t, kp = saved.shape
-    blk = blocks.triton_mapping_pre_bwd(t, c, kp)
-    nb = pl.cdiv(t, blk.bt)
-    kernel = functools.partial(
-        _pre_bwd_kernel,
-        n=n,
-        c=c,
-        bt=blk.bt,
-        bc=blk.bc,
-        num_iters=static.num_iters,
-        with_dx_in=dx_in is not None,
-        reverse=blk.span < 0,
-    )
-    dx2, dy, dt_parts, dtraw_parts = pl.pallas_call(
-        kernel,
-        grid=(nb,),
-        out_shape=[
-            jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-            jax.ShapeDtypeStruct((t, kp), F32),
-            jax.ShapeDtypeStruct((nb, kp), F32),
-            jax.ShapeDtypeStruct((nb, kp), F32),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
-        interpret=static.interpret,
-        name="mhc_mapping_pre_bwd",
-    )(x2, dli, saved, dcoef, info, parts[0], h_pre, *(() if dx_in is None else (dx_in,)))
-    return dx2, _dphi_t(dy, x2), dt_parts, dtraw_parts
-
-
-mapping = mapping_op("triton", fwd, coef_bwd, x_bwd, pre_triton.weight_grad, pre_bwd)
+mapping = mapping_op("triton", fwd, coef_bwd, x_bwd, pre_triton.weight_grad)
 """``mapping(x (T, n, C), phi, bias, alpha, static, with_pre)``: see ``_common.mapping_op``."""
