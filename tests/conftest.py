@@ -1,5 +1,28 @@
-"""Test setup: 8 fake CPU devices (for mesh tests) before JAX's backend starts."""
+"""Test setup: 8 fake CPU devices (for mesh tests) before JAX's backend starts, and
+``lowered_text``, which lowers a jitted function for another platform on any host."""
+
+import contextlib
 
 import jax
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Triton and Mosaic GPU lowerings read the target GPU from the device; without one (a CPU
+# host) they take it from an abstract mesh's device. Hopper: what the kernels are built for.
+_TARGETS = {"cuda": AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")}
+
+
+def lower_text(fn, *args, platform: str) -> str:
+    """StableHLO text of ``jax.jit(fn)`` lowered for ``platform`` ("cuda", "tpu", ...)."""
+    target = _TARGETS.get(platform)
+    on_device = target is None or jax.default_backend() == "gpu"
+    mesh = AbstractMesh((1,), ("_target",), (AxisType.Auto,), abstract_device=target)
+    with contextlib.nullcontext() if on_device else use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.fixture
+def lowered_text():
+    return lower_text

@@ -137,7 +137,7 @@ def test_gpu_profile_breakdown_sums_stream_kernels_by_category():
     assert got["mhc"] == [("mhc_mapping_fwd", 0.15, 0.5), ("mhc_x", 0.03, 1.0)]
 
 
-def test_stream_overlap_probe_puts_each_layers_kernel_on_stream_1():
+def test_stream_overlap_probe_puts_each_layers_kernel_on_stream_1(lowered_text):
     """Lowered for CUDA on any host: the streamed program wraps every layer's kernel
     in a stream-1 call (the grouped one also tags scheduling groups); the
     same-stream program has the same kernels and no annotation."""
@@ -147,7 +147,7 @@ def test_stream_overlap_probe_puts_each_layers_kernel_on_stream_1():
 
     def lowered(name):
         fn, args = progs[name]
-        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        return lowered_text(fn, *args, platform="cuda")
 
     calls = r"= call @\S+\(.*_xla_stream_annotation = \"1\""
     kernels = r"custom_call @\S*triton\S*\("
