@@ -6,7 +6,8 @@ r"""Trains a residual / HC / mHC language model.
     python experiments/train.py --config=experiments/configs/paper_27b.py --dry_run
 
 Re-running the same command resumes from the workdir's newest checkpoint.
-``--dry_run`` prints the resolved config, parameter counts, FLOPs per token and
+``--dry_run`` checks the config against this host's devices (mesh, batch split,
+mHC kernels), prints the resolved config, parameter counts, FLOPs per token and
 a memory estimate, then exits without allocating the model.
 """
 
@@ -16,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mhc_jax import config as config_lib
-from mhc_jax import costs
+from mhc_jax import costs, preflight
 from mhc_jax.sharding import launched_multiprocess
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).")
@@ -69,7 +70,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax/grain are chatty at INFO; -v 0 restores it
     cfg = _CONFIG.value
     if _DRY_RUN.value:
+        try:
+            run = preflight.preflight(cfg)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(costs.dry_run_report(cfg))
+        print(preflight.describe(run))
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (unless --dry_run)")

@@ -14,15 +14,18 @@ collective is needed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from mhc_jax import connections
+from pallas_kernels.mhc import api as kernels_api
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -41,27 +44,56 @@ class Ops(NamedTuple):
     apply_post_res: Callable
 
 
-def mhc_ops(impl: str) -> Ops:
-    """Ops of ``impl``: "xla" (pure jnp), "pallas" / "pallas_interpret" (kernels; the
-    mapping and pre are then one fused kernel) or "auto" (Pallas on GPU and TPU)."""
+@functools.cache
+def _note_once(message: str) -> None:
+    logging.warning(message)
+
+
+def resolve_impl(impl: str, n: int) -> str:
+    """The implementation that runs for ``impl`` and n streams: "auto" takes the Pallas
+    kernels on GPU and TPU where they support n and the XLA path otherwise (saying so
+    once in the log); "pallas" on an input the kernels do not support is a ValueError
+    naming ``model.impl``, raised before anything is traced."""
     if impl not in connections.IMPLS:
-        raise ValueError(f"mHC impl must be one of {connections.IMPLS}, got {impl!r}")
+        raise ValueError(f"model.impl={impl!r} is invalid: must be one of {connections.IMPLS}")
+    native = jax.default_backend() in kernels_api.NATIVE_PLATFORMS
+    fits = 1 <= n <= kernels_api.MAX_STREAMS
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+        if native and not fits:
+            _note_once(
+                f"model.impl='auto': the Pallas kernels support 1 <= n <= "
+                f"{kernels_api.MAX_STREAMS} streams, so mHC with n={n} runs on the XLA path"
+            )
+        return "pallas" if native and fits else "xla"
+    if impl.startswith("pallas") and not fits:
+        raise ValueError(
+            f"model.impl={impl!r} is invalid for n={n}: the Pallas kernels support 1 <= n <= "
+            f"{kernels_api.MAX_STREAMS} streams; use 'auto' (XLA for larger n) or 'xla'"
+        )
+    if impl == "pallas" and not native:
+        raise ValueError(
+            f"model.impl='pallas' is invalid on the {jax.default_backend()!r} backend: the "
+            "kernels need a GPU or TPU; use 'auto', 'xla' or 'pallas_interpret'"
+        )
+    return impl
+
+
+def mhc_ops(impl: str, n: int) -> Ops:
+    """Ops of ``impl`` for n streams (``resolve_impl``): "xla" (pure jnp), "pallas" /
+    "pallas_interpret" (kernels; the mapping and pre are then one fused kernel)."""
+    impl = resolve_impl(impl, n)
     if impl == "xla":
         return Ops(
             lambda x, *args, **kw: (*connections.mhc_mappings_and_pre(x, *args, **kw), x),
             connections.apply_pre,
             connections.apply_post_res,
         )
-    from pallas_kernels.mhc import api
-
     return Ops(
-        lambda x, phi, bias, alpha, **kw: api.mhc_mappings_and_pre(
+        lambda x, phi, bias, alpha, **kw: kernels_api.mhc_mappings_and_pre(
             x, phi, bias, alpha, tied_streams=True, impl=impl, **kw
         ),
-        lambda h_pre, x: api.apply_pre(h_pre, x, impl=impl),
-        lambda h_res, h_post, x, f: api.apply_post_res(h_res, h_post, x, f, impl=impl),
+        lambda h_pre, x: kernels_api.apply_pre(h_pre, x, impl=impl),
+        lambda h_res, h_post, x, f: kernels_api.apply_post_res(h_res, h_post, x, f, impl=impl),
     )
 
 
@@ -117,8 +149,13 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
       h_res (..., n, n) fp32; x_tied: x, to pass as ``post_res``'s x (with the
       Pallas kernels its cotangent then joins dx inside the mapping's backward).
     """
-    ops = mhc_ops(impl)
+    ops = mhc_ops(impl, x.shape[-2])
     mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
+    if c_axis is not None and resolve_impl(impl, x.shape[-2]) != "xla":
+        _note_once(
+            "mHC with C split over the tensor axis: the mapping runs on the XLA path (each "
+            "device projects its C slice, then one psum); pre and post-res use the kernels"
+        )
     kw = dict(ops=ops, c_total=x.shape[-1], num_iters=num_iters, norm_eps=norm_eps)
     if mesh is None:
         return _local_mappings_and_pre(x, phi, bias, alpha, c_axis=None, **kw)
@@ -143,7 +180,7 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
 
 def post_res(h_res, h_post, x, f, *, impl, residual_shard, on_mesh=True):
     """``x_next = h_res x + h_post f`` of one mHC layer (shapes as in ``mhc_pre``)."""
-    ops = mhc_ops(impl)
+    ops = mhc_ops(impl, x.shape[-2])
     mesh, _, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
     if mesh is None:
         return ops.apply_post_res(h_res, h_post, x, f)

@@ -34,6 +34,8 @@ from pallas_kernels.mhc._common import Static
 
 IMPLS = ("xla", "pallas", "pallas_interpret")
 STREAM_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+MAX_STREAMS = 8  # the mapping kernels keep n*n Sinkhorn entries per token in registers
+NATIVE_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _BACKENDS = {
     "triton": (mapping_triton, pre_triton, post_res_triton),
     "tpu": (mapping_tpu, pre_tpu, post_res_tpu),
@@ -47,7 +49,7 @@ def _kernels(impl: str, fn: str) -> tuple[tuple[ModuleType, ...], bool] | None:
     if impl == "xla":
         return None
     platform = jax.default_backend()
-    if impl == "pallas" and platform not in ("gpu", "cuda", "rocm", "tpu"):
+    if impl == "pallas" and platform not in NATIVE_PLATFORMS:
         raise ValueError(
             f"{fn}: impl='pallas' needs a GPU or TPU backend, got {platform!r}; "
             "use impl='pallas_interpret' or impl='xla'"
@@ -67,8 +69,10 @@ def _streams(fn: str, x: jax.Array) -> tuple[tuple, int, int]:
         allowed = tuple(jnp.dtype(d).name for d in STREAM_DTYPES)
         raise ValueError(f"{fn}: x.dtype must be one of {allowed}, got {x.dtype}")
     n, c = x.shape[-2:]
-    if not 1 <= n <= 8:
-        raise ValueError(f"{fn}: the Pallas kernels support 1 <= n <= 8 streams, got n={n}")
+    if not 1 <= n <= MAX_STREAMS:
+        raise ValueError(
+            f"{fn}: the Pallas kernels support 1 <= n <= {MAX_STREAMS} streams, got n={n}"
+        )
     return x.shape[:-2], n, c
 
 

@@ -1,0 +1,107 @@
+"""What a run is checked against before anything is written: the mesh against the devices,
+and which mHC implementation runs (kernels where they support the input, else XLA)."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mhc_jax import config as config_lib
+from mhc_jax import partitioned, preflight
+from mhc_jax.model import LM, ModelConfig, init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """Makes the library believe the default backend is a GPU (the kernels are never
+    reached here: only the implementation choice is)."""
+    monkeypatch.setattr(partitioned.jax, "default_backend", lambda: "gpu")
+    partitioned._note_once.cache_clear()
+    yield
+    partitioned._note_once.cache_clear()
+
+
+def test_auto_takes_the_kernels_where_they_fit(on_gpu, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert partitioned.resolve_impl("auto", 4) == "pallas"
+        assert partitioned.resolve_impl("auto", 8) == "pallas"
+        assert not caplog.records
+        assert partitioned.resolve_impl("auto", 12) == "xla"
+        assert partitioned.resolve_impl("auto", 12) == "xla"
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "n=12 runs on the XLA path" in notes[0]
+
+
+def test_auto_is_xla_off_accelerators():
+    assert jax.default_backend() == "cpu"
+    assert partitioned.resolve_impl("auto", 4) == "xla"
+
+
+@pytest.mark.parametrize(
+    "impl, n, match",
+    [
+        ("pallas", 12, r"model.impl='pallas' is invalid for n=12: .* 1 <= n <= 8"),
+        ("pallas_interpret", 9, r"model.impl='pallas_interpret' is invalid for n=9"),
+        ("pallas", 4, r"model.impl='pallas' is invalid on the 'cpu' backend"),
+        ("triton", 4, r"model.impl='triton' is invalid: must be one of"),
+    ],
+)
+def test_explicit_kernels_fail_loudly(impl, n, match):
+    with pytest.raises(ValueError, match=match):
+        partitioned.resolve_impl(impl, n)
+
+
+def test_auto_model_with_many_streams_runs_the_xla_path(on_gpu):
+    """n = 10 on a "GPU": the model under impl="auto" equals impl="xla" exactly."""
+    base = dict(vocab_size=32, num_blocks=1, d_model=16, num_heads=2, d_ff=32, n=10)
+    params = init_params(ModelConfig(impl="xla", **base), jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
+    want = LM(ModelConfig(impl="xla", **base)).apply({"params": params}, tokens)
+    got = LM(ModelConfig(impl="auto", **base)).apply({"params": params}, tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert jnp.all(jnp.isfinite(got))
+
+
+def _tiny(batch_size=8, **sharding):
+    cfg = config_lib.default_config()
+    cfg.data.batch_size = batch_size
+    cfg.data.eval_batch_size = 8
+    cfg.sharding.update(sharding)
+    return cfg
+
+
+def test_preflight_checks_the_mesh_against_the_devices():
+    run = preflight.preflight(_tiny(data=2, fsdp=2, tensor=2))
+    assert dict(run.layout.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert run.mhc_impl == "xla"
+    assert "data 2 x fsdp 2 x tensor 2 over 8 cpu device(s)" in preflight.describe(run)
+    with pytest.raises(ValueError, match=r"the product 16 must equal the 8 devices"):
+        preflight.preflight(_tiny(data=4, fsdp=2, tensor=2))
+    with pytest.raises(ValueError, match=r"data.batch_size=12 is invalid"):
+        preflight.preflight(_tiny(12, data=-1, fsdp=1, tensor=1))
+
+
+def _dry_run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "experiments/train.py", "--config=experiments/configs/tiny.py"]
+    return subprocess.run(
+        [*cmd, *args, "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_dry_run_validates_the_mesh_and_the_kernels():
+    ok = _dry_run()
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "mesh: data 1 x fsdp 1 x tensor 1 over 1 cpu device(s); mHC impl: xla" in ok.stdout
+    bad_mesh = _dry_run("--config.sharding.data=2")
+    assert bad_mesh.returncode == 2
+    assert "error: sharding.(data, fsdp, tensor)=(2, 1, 1) is invalid" in bad_mesh.stderr
+    bad_impl = _dry_run("--config.model.n=12", "--config.model.impl=pallas")
+    assert bad_impl.returncode == 2 and "model.impl='pallas' is invalid for n=12" in bad_impl.stderr
