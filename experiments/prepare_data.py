@@ -22,6 +22,12 @@ files are taken as given (``.xz`` ones are decompressed)::
 
     python experiments/prepare_data.py --sources=/data/books,/data/extra/notes.txt \
         --out_dir=/tmp/mhc_data/mine --val_fraction=0.02 --seed=1
+
+Sources and ``--out_dir`` may be in Cloud Storage (shards are written locally, then
+uploaded, meta.json last); a run then reads ``--config.data.path=gs://...`` from a copy
+it makes on each host (mhc_jax/data_cache.py)::
+
+    python experiments/prepare_data.py --sources=gs://bucket/text --out_dir=gs://bucket/corpus
 """
 
 from absl import app, flags
@@ -29,9 +35,13 @@ from absl import app, flags
 from mhc_jax import data
 
 _SOURCES = flags.DEFINE_list(
-    "sources", [], "Comma-separated text files/directories; empty = the bundled corpus."
+    "sources",
+    [],
+    "Comma-separated text files/directories (local or gs://); empty = the bundled corpus.",
 )
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (missing or empty).")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Output directory, local or gs:// (missing or empty)."
+)
 _VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.05, "Share of documents for validation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the train/validation split.")
 flags.mark_flag_as_required("out_dir")

@@ -2,7 +2,8 @@ r"""Tables and figures of a sweep from every run's metrics, config and diagnosti
 
     python experiments/report.py --sweep_dir=runs/tiny_connections --out_dir=runs/tiny_report
 
-A run is any directory under ``--sweep_dir`` holding ``config.json`` and
+Both directories may be local or gs://. A run is any directory under ``--sweep_dir``
+holding ``config.json`` and
 ``metrics.jsonl`` (plus ``diagnostics.jsonl`` for HC/mHC), named by its path
 relative to ``--sweep_dir``. Writes ``results.md`` / ``results.csv`` (a row per
 run, ``COLUMNS``) and PNGs: ``loss_curves`` (train and validation, a panel per
@@ -30,14 +31,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import json
+import io
 import math
-import os
 
 import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from mhc_jax import paths
+from mhc_jax.logging import METRICS_FILE, PROFILES_FILE, read_jsonl
 
 SPIKE_FACTOR = 5.0
 SPLITS = ("train", "validation", "diagnostics")
@@ -89,20 +92,6 @@ class RunData:
         )
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSON-lines file; a truncated last line (a killed writer) is dropped."""
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from None
-    return records
-
-
 def _by_step(records: list[dict]) -> list[dict]:
     # A resumed run logs again the steps after its last checkpoint: the later record wins.
     return [r for _, r in sorted({r["step"]: r for r in records}.items())]
@@ -112,23 +101,23 @@ def load_run(run_dir: str, name: str | None = None) -> RunData:
     """Reads one run directory (config.json, metrics.jsonl, optional diagnostics.jsonl)."""
     from mhc_jax.config import config_from_json
 
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = config_from_json(f.read())
-    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    run_dir = paths.path(run_dir)
+    config = config_from_json((run_dir / "config.json").read_text())
+    records = read_jsonl(run_dir / METRICS_FILE)
     metrics = {s: _by_step([r for r in records if r.get("split") == s]) for s in SPLITS}
-    profiles_path = os.path.join(run_dir, "diagnostics.jsonl")
-    profiles = _by_step(read_jsonl(profiles_path)) if os.path.exists(profiles_path) else []
-    return RunData(name or os.path.basename(os.path.normpath(run_dir)), config, metrics, profiles)
+    profiles_path = run_dir / PROFILES_FILE
+    profiles = _by_step(read_jsonl(profiles_path)) if profiles_path.exists() else []
+    return RunData(name or run_dir.name, config, metrics, profiles)
 
 
 def find_run_dirs(sweep_dir: str) -> list[str]:
     """Run directories (holding config.json and metrics.jsonl) under ``sweep_dir``, sorted."""
-    if not os.path.isdir(sweep_dir):
+    if not paths.path(sweep_dir).is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir!r} does not exist")
     found = []
-    for root, dirs, files in os.walk(sweep_dir):
-        if "config.json" in files and "metrics.jsonl" in files:
-            found.append(root)
+    for root, dirs, files in paths.walk(sweep_dir):
+        if "config.json" in files and METRICS_FILE in files:
+            found.append(str(root))
             dirs.clear()  # a run's checkpoints/ and data/ hold no runs
     return sorted(found)
 
@@ -141,7 +130,8 @@ def load_sweep(sweep_dir: str) -> list[RunData]:
             f"no runs under {sweep_dir!r}: expected directories holding "
             "config.json and metrics.jsonl (written by experiments/train.py)"
         )
-    runs = [load_run(d, os.path.relpath(d, sweep_dir)) for d in run_dirs]
+    root = paths.path(sweep_dir)
+    runs = [load_run(d, str(paths.path(d).relative_to(root))) for d in run_dirs]
     return sorted(runs, key=lambda r: (CONNECTION_ORDER.get(r.connection, 9), r.n, r.seed, r.name))
 
 
@@ -202,10 +192,11 @@ def summarize(run: RunData) -> dict:
 
 def write_csv(rows: list[dict], path: str) -> None:
     """``rows`` as CSV with header ``COLUMNS``; None becomes an empty cell."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: "" if row[k] is None else row[k] for k in COLUMNS} for row in rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: "" if row[k] is None else row[k] for k in COLUMNS} for row in rows)
+    paths.path(path).write_text(text.getvalue())
 
 
 def _human(count: int) -> str:
@@ -373,14 +364,12 @@ def write_report(sweep_dir: str, out_dir: str) -> dict[str, str]:
     """Writes results.md, results.csv and the PNGs for ``sweep_dir``; returns name -> path."""
     runs = load_sweep(sweep_dir)
     rows = [summarize(r) for r in runs]
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "results.md": os.path.join(out_dir, "results.md"),
-        "results.csv": os.path.join(out_dir, "results.csv"),
-    }
-    with open(paths["results.md"], "w") as f:
-        f.write(f"# {os.path.basename(os.path.normpath(sweep_dir))}\n\n{markdown_table(rows)}")
-    write_csv(rows, paths["results.csv"])
+    out = paths.path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {name: str(out / name) for name in ("results.md", "results.csv")}
+    title = paths.path(sweep_dir).name
+    paths.path(written["results.md"]).write_text(f"# {title}\n\n{markdown_table(rows)}")
+    write_csv(rows, written["results.csv"])
     figures = {
         "loss_curves.png": plot_loss_curves(runs),
         "val_loss_vs_n.png": plot_val_loss_vs_n(rows),
@@ -390,11 +379,13 @@ def write_report(sweep_dir: str, out_dir: str) -> dict[str, str]:
         figures["amax_gain.png"] = plot_amax_gain(runs)
     for run in runs:
         if run.profiles:
-            figures[f"h_res_{run.name.replace(os.sep, '__')}.png"] = plot_h_res(run)
+            figures[f"h_res_{run.name.replace('/', '__')}.png"] = plot_h_res(run)
     for name, fig in figures.items():
-        paths[name] = os.path.join(out_dir, name)
-        fig.savefig(paths[name], dpi=110)
-    return paths
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        written[name] = str(out / name)
+        paths.path(written[name]).write_bytes(png.getvalue())
+    return written
 
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory holding the sweep's runs.")
@@ -407,12 +398,11 @@ def main(argv):
     if not _SWEEP_DIR.value or not _OUT_DIR.value:
         raise app.UsageError("--sweep_dir and --out_dir are required")
     try:
-        paths = write_report(_SWEEP_DIR.value, _OUT_DIR.value)
+        written = write_report(_SWEEP_DIR.value, _OUT_DIR.value)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
-    with open(paths["results.md"]) as f:
-        print(f.read())
-    print("Wrote " + ", ".join(sorted(paths)) + f" to {_OUT_DIR.value}")
+    print(paths.path(written["results.md"]).read_text())
+    print("Wrote " + ", ".join(sorted(written)) + f" to {_OUT_DIR.value}")
 
 
 if __name__ == "__main__":

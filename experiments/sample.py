@@ -5,6 +5,7 @@ r"""Generates text from a training run's newest checkpoint.
     python experiments/sample.py --workdir=runs/tiny --temperature=0     # greedy
 
 The model is rebuilt from the run's config.json; the checkpoint holds the weights.
+``--workdir`` may be local or gs://.
 """
 
 import jax
@@ -16,7 +17,9 @@ from mhc_jax.data import ByteTokenizer
 from mhc_jax.loop import load_run
 from mhc_jax.sampling import generate
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory written by experiments/train.py (local or gs://)."
+)
 _PROMPT = flags.DEFINE_string("prompt", "ROMEO:", "Text to continue.")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 300, "Bytes to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")

@@ -7,12 +7,13 @@ r"""Runs a grid of training runs (a sweep) defined by a small Python file.
     python experiments/sweep.py --sweep=n_sweep --override=data.path=/data/corpus
 
 Each run trains in a subprocess of experiments/train.py (output streamed) in
-``<workdir>/<run name>``. A finished run (a checkpoint at ``training.num_steps``
-and a validation record at that step) is skipped on re-launch; an interrupted
-one resumes from its newest checkpoint. Commands run from the repository root.
-Local runs share a persistent XLA compilation cache, ``<workdir>/jax_cache``
-(unless JAX_COMPILATION_CACHE_DIR is set): runs differing only in seed or data
-reuse each other's compiled steps.
+``<workdir>/<run name>`` (``--workdir`` local or gs://). A finished run (a
+checkpoint at ``training.num_steps`` and a validation record at that step) is
+skipped on re-launch; an interrupted one resumes from its newest checkpoint.
+Commands run from the repository root. Local runs share a persistent XLA
+compilation cache (unless JAX_COMPILATION_CACHE_DIR is set), ``<workdir>/jax_cache``,
+or this host's ``~/.cache/mhc_jax/jax_cache`` for a gs:// workdir: runs differing
+only in seed or data reuse each other's compiled steps.
 
 Sweep file (``experiments/sweeps/<name>.py``; ``--sweep`` takes the name or a
 path): ``get_sweep()`` returns
@@ -47,18 +48,20 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from absl import app, flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEPS_DIR = os.path.join(REPO_ROOT, "experiments", "sweeps")
-TRAIN_SCRIPT = os.path.join("experiments", "train.py")
+from mhc_jax import paths
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
+TRAIN_SCRIPT = "experiments/train.py"
 SWEEP_KEYS = ("config", "config_arg", "overrides", "axes", "where")
 
 
@@ -86,9 +89,9 @@ class Sweep:
 
 def resolve_sweep_path(spec: str) -> str:
     """A sweep name (``tiny_connections``) or path -> the sweep file's path."""
-    path = spec if spec.endswith(".py") else os.path.join(SWEEPS_DIR, f"{spec}.py")
-    if not os.path.isfile(path):
-        known = sorted(f[:-3] for f in os.listdir(SWEEPS_DIR) if f.endswith(".py"))
+    path = spec if spec.endswith(".py") else str(SWEEPS_DIR / f"{spec}.py")
+    if not Path(path).is_file():
+        known = sorted(f.stem for f in SWEEPS_DIR.glob("*.py"))
         raise FileNotFoundError(
             f"sweep file {path!r} (from --sweep={spec!r}) not found; "
             f"sweeps in {SWEEPS_DIR}: {known}"
@@ -179,10 +182,8 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
             f"sweep {name}: unknown keys {unknown} / missing keys {missing}; "
             f"a sweep dict has {list(SWEEP_KEYS)}"
         )
-    config_path = definition["config"]
-    if not os.path.isabs(config_path):
-        config_path = os.path.join(REPO_ROOT, config_path)
-    if not os.path.isfile(config_path):
+    config_path = REPO_ROOT / definition["config"]  # an absolute path stays as it is
+    if not config_path.is_file():
         raise FileNotFoundError(f"sweep {name}: config file {definition['config']!r} not found")
     paths = _field_paths(default_config())
     fixed = {**definition.get("overrides", {}), **(extra_overrides or {})}
@@ -222,9 +223,8 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
         runs.append(Run(len(runs), run_name, values, overrides, int(cfg.training.num_steps)))
     if not runs:
         raise ValueError(f"sweep {name}: 'where' excludes every run")
-    config_rel = os.path.relpath(config_path, REPO_ROOT)
-    if config_rel.startswith(".."):
-        config_rel = config_path
+    in_repo = config_path.resolve().is_relative_to(REPO_ROOT)
+    config_rel = str(config_path.resolve().relative_to(REPO_ROOT) if in_repo else config_path)
     return Sweep(name, config_rel, definition.get("config_arg", ""), axis_fields, runs)
 
 
@@ -234,7 +234,7 @@ def load_sweep(spec: str, extra_overrides: dict | None = None) -> Sweep:
     module = _load_module(path, "sweep_definition")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"sweep file {path} defines no get_sweep()")
-    return expand(module.get_sweep(), os.path.basename(path)[:-3], extra_overrides)
+    return expand(module.get_sweep(), Path(path).stem, extra_overrides)
 
 
 def _flag_value(value) -> str:
@@ -251,31 +251,37 @@ def train_command(sweep: Sweep, run: Run, workdir: str, python: str = "python") 
         TRAIN_SCRIPT,
         f"--config={config}",
         *(f"--config.{path}={_flag_value(v)}" for path, v in run.overrides.items()),
-        f"--workdir={os.path.join(os.path.abspath(workdir), run.name)}",
+        f"--workdir={paths.path(workdir) / run.name}",
     ]
+
+
+def _saved_steps(run_dir: str) -> list[int]:
+    from mhc_jax.checkpointing import saved_steps
+
+    return saved_steps(paths.path(run_dir) / "checkpoints")
 
 
 def is_finished(run_dir: str, num_steps: int) -> bool:
     """A checkpoint at ``num_steps`` and a validation record at that step in metrics.jsonl."""
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints", str(num_steps))):
+    from mhc_jax.logging import METRICS_FILE, read_jsonl
+
+    metrics = paths.path(run_dir) / METRICS_FILE
+    if num_steps not in _saved_steps(run_dir) or not metrics.exists():
         return False
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError):
+        records = read_jsonl(metrics)
+    except ValueError:
         return False
     return any(r.get("split") == "validation" and r.get("step") == num_steps for r in records)
 
 
 def run_status(run: Run, workdir: str) -> str:
-    """'finished', 'partial (step k/N)' (newest checkpoint) or 'not started'."""
-    run_dir = os.path.join(workdir, run.name)
+    """'finished', 'partial (step k/N)' (newest committed checkpoint) or 'not started'."""
+    run_dir = str(paths.path(workdir) / run.name)
     if is_finished(run_dir, run.num_steps):
         return "finished"
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    # orbax writes a step to a temporary name first: only all-digit names are complete.
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    return f"partial (step {max(steps)}/{run.num_steps})" if steps else "not started"
+    steps = _saved_steps(run_dir)
+    return f"partial (step {steps[-1]}/{run.num_steps})" if steps else "not started"
 
 
 def run_sweep(sweep: Sweep, workdir: str, selected: list[Run]) -> list[str]:
@@ -286,7 +292,9 @@ def run_sweep(sweep: Sweep, workdir: str, selected: list[Run]) -> list[str]:
       A KeyboardInterrupt waits for the current run to save, then propagates.
     """
     env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(workdir), "jax_cache"))
+    # The compilation cache is per host: a gs:// sweep keeps it on this host.
+    local = paths.local_cache_dir() if paths.is_remote(workdir) else paths.path(workdir)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(local / "jax_cache"))
     failed = []
     for k, run in enumerate(selected, 1):
         status = run_status(run, workdir)
@@ -305,7 +313,7 @@ def run_sweep(sweep: Sweep, workdir: str, selected: list[Run]) -> list[str]:
         if returncode != 0:
             print(f"{header}: failed with exit code {returncode}", flush=True)
             failed.append(run.name)
-        elif not is_finished(os.path.join(workdir, run.name), run.num_steps):
+        elif not is_finished(str(paths.path(workdir) / run.name), run.num_steps):
             print(f"{header}: stopped before step {run.num_steps} (preempted?)", flush=True)
             failed.append(run.name)
     return failed
@@ -348,7 +356,7 @@ def main(argv):
         sweep = load_sweep(_SWEEP.value, parse_overrides(_OVERRIDE.value))
     except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from None
-    workdir = _WORKDIR.value or os.path.join("runs", sweep.name)
+    workdir = _WORKDIR.value or f"runs/{sweep.name}"
     runs = sweep.runs
     if _INDEX.value is not None:
         if not 0 <= _INDEX.value < len(runs):

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -26,6 +25,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from mhc_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str,
+        directory: str,  # local or gs://
         *,
         keep_last: int = 3,
         keep_best: int = 1,
@@ -103,7 +104,7 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler()}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS})
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory), item_handlers=handlers, options=options
+            paths.path(directory), item_handlers=handlers, options=options
         )
         # Steps newer than a fallback restore that failed to load; moved aside on the next
         # save, since orbax refuses to save at or below its latest step.
@@ -268,6 +269,14 @@ class Checkpointer:
             multihost_utils.sync_global_devices("mhc_jax.checkpointing.quarantine")
         self._unrestorable.clear()
         self._manager.reload()
+
+
+def saved_steps(directory: str) -> list[int]:
+    """Committed steps in ``directory`` (local or gs://), ascending; creates nothing.
+
+    A step still being written, or left unfinished by a killed writer, is not committed.
+    """
+    return sorted(ocp.utils.checkpoint_steps(paths.path(directory)))
 
 
 def _storage_struct(leaf: Any) -> Any:

@@ -2,6 +2,8 @@
 
 A prepared directory (`prepare_corpus`) holds meta.json and ArrayRecord shards
 train-XXXXX-of-YYYYY.array_record, validation-... (one record = one document's UTF-8 bytes).
+Sources and prepared directories may be local or in cloud storage (gs://); the loaders read
+local shards only (data_cache.py finds, prepares and copies a run's data).
 
 Loaders view a split as one token stream: its documents in stored order, each as UTF-8
 bytes then `EOS_ID`. Window i (seq_len L) is stream[i * L : i * L + L + 1]: first L tokens
@@ -12,18 +14,17 @@ attention is not masked there).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
-import os
-import shutil
 import tempfile
 from importlib import resources
-from pathlib import Path
 
 import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
+
+from mhc_jax import paths
 
 BOS_ID = 256
 EOS_ID = 257
@@ -85,7 +86,7 @@ def split_documents(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     return chunks
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: epath.Path) -> str:
     """Reads a UTF-8 text file; a ``.xz`` file is decompressed first."""
     data = path.read_bytes()
     if path.suffix == ".xz":
@@ -99,19 +100,17 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from e
 
 
-def _collect_files(sources: list[str]) -> list[Path]:
+def collect_text_files(sources: list[str]) -> list[epath.Path]:
     """Expands files and directories (recursively: *.txt, *.txt.xz) into a file list."""
     if not sources:
         raise ValueError("sources is empty; pass None for the bundled corpus")
     files = []
     for src in sources:
-        path = Path(src)
+        path = paths.path(src)
         if not path.exists():
             raise ValueError(f"source {src!r} does not exist")
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.xz"))
-            )
+            found = [p for p in paths.walk_files(path) if p.name.endswith((".txt", ".txt.xz"))]
             if not found:
                 raise ValueError(f"source directory {src!r} contains no *.txt or *.txt.xz files")
             files.extend(found)
@@ -120,8 +119,9 @@ def _collect_files(sources: list[str]) -> list[Path]:
     return files
 
 
-def _write_split(out_dir: Path, split: str, docs: list[str], records_per_shard: int) -> dict:
-    """Writes `docs` as ArrayRecord shards; returns the split's entry of meta.json."""
+def _write_split(out_dir: epath.Path, split: str, docs: list[str], records_per_shard: int) -> dict:
+    """Writes `docs` as ArrayRecord shards in local `out_dir`; returns the split's meta.json
+    entry."""
     num_shards = -(-len(docs) // records_per_shard)
     shards = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
     num_bytes = 0
@@ -153,8 +153,10 @@ def prepare_corpus(
 
     Args:
         sources: text files and/or directories (searched recursively for *.txt, *.txt.xz;
-            files ending in .xz are decompressed), or None for the bundled corpus.
-        out_dir: output directory; must be missing or empty.
+            files ending in .xz are decompressed), local or gs://, or None for the bundled
+            corpus.
+        out_dir: output directory, local or gs:// (shards are written locally, then
+            uploaded, meta.json last); must be missing or empty.
         val_fraction: share of documents for validation, in [0, 1).
         seed: seed of the train/validation assignment.
         records_per_shard: documents per ArrayRecord shard.
@@ -168,13 +170,13 @@ def prepare_corpus(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    out = Path(out_dir)
+    out = paths.path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
     if sources is None:
         names, texts = [f"bundled:{BUNDLED_CORPUS}"], [load_bundled_corpus()]
     else:
-        files = _collect_files(list(sources))
+        files = collect_text_files(list(sources))
         names, texts = [str(f) for f in files], [_read_text(f) for f in files]
     docs = [doc for text in texts for doc in split_documents(text, max_doc_chars)]
     if not docs:
@@ -187,58 +189,44 @@ def prepare_corpus(
         "train": [d for d, v in zip(docs, is_val) if not v],
         "validation": [d for d, v in zip(docs, is_val) if v],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format_version": 1,
-        "tokenizer": dict(type="byte", vocab_size=VOCAB_SIZE, bos=BOS_ID, eos=EOS_ID, pad=PAD_ID),
-        "sources": names,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "max_doc_chars": max_doc_chars,
-        "splits": {s: _write_split(out, s, split_docs[s], records_per_shard) for s in SPLITS},
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    remote = paths.is_remote(out)
+    with tempfile.TemporaryDirectory(prefix="mhc_jax_prepare-") as tmp:
+        local = epath.Path(tmp) if remote else out  # ArrayRecordWriter opens local files only
+        local.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": 1,
+            "tokenizer": dict(
+                type="byte", vocab_size=VOCAB_SIZE, bos=BOS_ID, eos=EOS_ID, pad=PAD_ID
+            ),
+            "sources": names,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "max_doc_chars": max_doc_chars,
+            "splits": {s: _write_split(local, s, split_docs[s], records_per_shard) for s in SPLITS},
+        }
+        (local / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if remote:
+            copy_prepared(local, out)
     return meta
+
+
+def copy_prepared(src: epath.Path, dst: epath.Path) -> None:
+    """Copies a prepared directory's shards, then its meta.json: a directory holding
+    meta.json is complete."""
+    meta = json.loads((src / META_FILE).read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        for shard in meta["splits"][split]["shards"]:
+            (src / shard).copy(dst / shard, overwrite=True)
+    (src / META_FILE).copy(dst / META_FILE, overwrite=True)
 
 
 def read_meta(data_dir: str) -> dict:
     """Returns the meta.json dict of a prepared data directory (see `prepare_corpus`)."""
-    path = Path(data_dir) / META_FILE
+    path = paths.path(data_dir) / META_FILE
     if not path.is_file():
         raise ValueError(f"{data_dir!r} has no {META_FILE}: not prepared (see prepare_corpus)")
     return json.loads(path.read_text())
-
-
-def ensure_prepared(path: str, cache_dir: str) -> str:
-    """Returns a prepared data directory for `path`, preparing it at most once.
-
-    `path`: "" = bundled corpus (cached as `cache_dir`/bundled-shakespeare); a prepared
-    directory (has meta.json) is returned as is; a text file/directory is prepared into
-    `cache_dir`/text-<hash of its absolute path> (keyed by path only: delete the entry after
-    editing the text). Writes a temporary directory, then renames it into place.
-    """
-    if path and (Path(path) / META_FILE).is_file():
-        return path
-    if path:
-        absolute = os.path.abspath(path)
-        key = "text-" + hashlib.sha256(absolute.encode()).hexdigest()[:16]
-        sources = [absolute]
-    else:
-        key, sources = "bundled-shakespeare", None
-    target = os.path.join(cache_dir, key)
-    if not os.path.isfile(os.path.join(target, META_FILE)):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
-        try:
-            prepare_corpus(sources, tmp)
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, target)
-        except OSError:
-            if not os.path.isfile(os.path.join(target, META_FILE)):
-                raise  # Not a lost race against another preparer.
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _doc_tokens(record: bytes) -> np.ndarray:
@@ -267,11 +255,16 @@ class _SplitWindows:
     def __init__(self, data_dir: str, split: str, seq_len: int, *, partial: bool):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if paths.is_remote(data_dir):
+            raise ValueError(
+                f"{data_dir!r}: the loaders read local shards only (ArrayRecord's reader); "
+                "copy it to this host with data_cache.ensure_prepared or data_cache.stage"
+            )
         info = read_meta(data_dir)["splits"][split]
         if info["num_docs"] == 0:
             raise ValueError(f"split {split!r} of {data_dir!r} has no documents")
         self._source = grain.sources.ArrayRecordDataSource(
-            [os.path.join(data_dir, shard) for shard in info["shards"]]
+            [str(paths.path(data_dir) / shard) for shard in info["shards"]]
         )
         lengths = [len(self._source[i]) + 1 for i in range(len(self._source))]
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # int64 (num_docs + 1,)

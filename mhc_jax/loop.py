@@ -2,15 +2,17 @@
 
 ``train_and_evaluate(config, workdir)`` resumes from the newest good checkpoint
 in ``workdir/checkpoints`` (params, optimiser state, RNG, step and the data
-iterator's position), so re-running the same command continues a run. SIGTERM
-or SIGINT finishes the current step, saves and returns normally.
+iterator's position), so re-running the same command continues a run, and re-running
+a finished run reports its results. A config that changes fields a resumed run must
+keep (run_dir.py) stops before anything is written. SIGTERM or SIGINT finishes the
+current step, saves and returns normally. ``workdir`` and ``data.path`` may be local
+or gs:// (paths.py).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 
@@ -23,6 +25,7 @@ from absl import logging as absl_logging
 
 from mhc_jax import config as config_lib
 from mhc_jax import data as data_lib
+from mhc_jax import data_cache, paths, run_dir
 from mhc_jax.checkpointing import Checkpointer
 from mhc_jax.diagnostics import gain_profile, heatmap_image
 from mhc_jax.logging import MetricsLogger
@@ -90,19 +93,29 @@ def _sample(params, model_cfg, t_cfg) -> str:
 
 
 def load_run(workdir: str, step: int | None = None):
-    """(ModelConfig, params, step) of a training run's checkpoint (newest by default)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    """(ModelConfig, params, step) of a training run's checkpoint (newest by default);
+    ``workdir`` local or gs://."""
+    path = paths.path(workdir) / run_dir.CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: is --workdir a training run directory?")
-    with open(path) as f:
-        cfg = config_lib.config_from_json(f.read())
+    cfg = config_lib.config_from_json(path.read_text())
     model_cfg = config_lib.model_config(cfg)
     tx = make_optimizer(config_lib.optimizer_config(cfg), cfg.training.num_steps)
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, tx, cfg.training.seed))
-    restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract, step=step)
+    ckpt_dir = paths.path(workdir) / "checkpoints"
+    restored = Checkpointer(ckpt_dir).restore(abstract, step=step)
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     return model_cfg, restored.state.params, restored.step
+
+
+def _print_done(result: dict, prefix: str = "Done") -> None:
+    summary = ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in result.items()
+        if k != "sample"
+    )
+    print(f"{prefix}: {summary}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -114,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       The final metrics: train ``loss``, ``val_loss``, ``val_bits_per_byte``,
       ``steps``, ``wall_s``, ``nonfinite_total``, a ``sample`` and, if stopped by a
-      signal, ``preempted``.
+      signal, ``preempted``; for a run that had finished already, those it logged
+      (``run_dir.finished_results``).
     """
     model_cfg = config_lib.model_config(config)
     layout = Layout.create(config_lib.mesh_config(config), model_cfg)
@@ -127,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str, float]:
     start_time = time.time()
-    workdir = os.path.abspath(workdir)
+    workdir = paths.path(workdir)
     opt_cfg = config_lib.optimizer_config(config)
     if model_cfg.vocab_size < data_lib.VOCAB_SIZE:
         raise ValueError(
@@ -136,14 +150,16 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
         )
     t_cfg, d_cfg, l_cfg = config.training, config.data, config.logging
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    # Read-only checks first: a refused config or data source leaves the workdir as it was.
+    run_dir.check_resume(workdir, config)
+    data_cache.check_source(d_cfg.path)
+    finished = run_dir.finished_results(workdir, t_cfg.num_steps)
+    if finished is not None:
+        if is_main:
+            _print_done(finished, f"Already trained to step {finished['steps']}")
+        return finished
 
-    data_dir = data_lib.ensure_prepared(
-        d_cfg.path, d_cfg.cache_dir or os.path.join(workdir, "data")
-    )
+    data_dir = data_cache.ensure_prepared(d_cfg.path, d_cfg.cache_dir or str(workdir / "data"))
     train_iter = data_lib.make_train_iterator(
         data_dir,
         seq_len=d_cfg.seq_len,
@@ -167,8 +183,9 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
     init = functools.partial(init_train_state, model_cfg, tx, t_cfg.seed)
     state_shardings = layout.state_shardings(jax.eval_shape(lambda: init(boxed=True)))
     state = jax.jit(init, out_shardings=state_shardings)()
+    ckpt_dir = workdir / "checkpoints"
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        ckpt_dir,
         keep_last=t_cfg.keep_last,
         keep_best=t_cfg.keep_best,
         best_metric="val_loss",
@@ -181,6 +198,8 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
             train_iter.set_state(restored.data_state)
         absl_logging.warning("Resumed from step %d of %s", restored.step, workdir)
     start_step = int(state.step)
+    if is_main:
+        run_dir.write_config(workdir, config)
 
     step_fn = jax.jit(
         make_train_step(model_cfg, tx, opt_cfg.grad_accum_steps),
@@ -194,7 +213,7 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
         out_shardings=layout.replicated,
     )
     logger = MetricsLogger(
-        workdir,
+        str(workdir),
         enabled=is_main,
         total_steps=t_cfg.num_steps,
         tensorboard=l_cfg.tensorboard,
@@ -242,7 +261,6 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
             logger.image(step, "diagnostics/h_res", heatmap_image(m["h_res"]))
             logger.profile(step, {**gain_profile(m["h_res"]), "h_res": m["h_res"]})
 
-    ckpt_dir = os.path.join(workdir, "checkpoints")
     preempted = False
     with _StopRequest() as stop:
         for step in range(start_step + 1, t_cfg.num_steps + 1):
@@ -258,6 +276,10 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
                 logger.scalars(step, "validation", val)
                 result.update(val_loss=val["loss"], val_bits_per_byte=val["bits_per_byte"])
             if step % t_cfg.checkpoint_every == 0 or last or stop.requested:
+                # The logs then hold every step the checkpoint holds (a cloud workdir's
+                # logs are uploaded at checkpoints: logging.py).
+                process(*pending)
+                pending = None
                 ckpt.save(
                     step,
                     state,
@@ -266,6 +288,7 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
                     metrics=None if val is None else {"val_loss": val["loss"]},
                     force=True,
                 )
+                logger.sync()
             if stop.requested:
                 preempted = True
                 logger.write(f"Stop requested: saved step {step}, exiting.")
@@ -290,16 +313,10 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
         logger.text(final_step, "sample", sample)
         result["sample"] = sample
         if is_main:
-            with open(os.path.join(workdir, "sample.txt"), "w") as f:
-                f.write(sample)
+            (workdir / run_dir.SAMPLE_FILE).write_text(sample)
     logger.close()
     if is_main:
-        summary = ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in result.items()
-            if k != "sample"
-        )
-        print(f"Done: {summary}", flush=True)
+        _print_done(result)
         if "sample" in result:
             print(f"Sample:\n{result['sample']}", flush=True)
     return result

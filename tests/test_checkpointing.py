@@ -16,7 +16,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mhc_jax.checkpointing import Checkpointer, CheckpointMismatchError
+from mhc_jax.checkpointing import Checkpointer, CheckpointMismatchError, saved_steps
 
 # A failed restore abandons orbax's other pending array reads; their "Exception ignored"
 # reports on garbage collection are harmless.
@@ -207,6 +207,8 @@ def test_unfinished_tmp_dir_is_ignored(tmp_path):
     os.remove(partial / "commit_success.txt")
     delete_array_files(partial)
 
+    (tmp_path / "unrestorable" / "3-1").mkdir(parents=True)  # a quarantined step
+    assert saved_steps(str(tmp_path)) == [1]
     ckpt = Checkpointer(str(tmp_path))
     assert (ckpt.latest_step(), ckpt.all_steps()) == (1, [1])
     assert ckpt.restore(TARGET).step == 1
@@ -219,6 +221,8 @@ def test_unfinished_tmp_dir_is_ignored(tmp_path):
 
 
 def test_no_checkpoint_returns_none(tmp_path):
+    assert saved_steps(str(tmp_path / "empty")) == []
+    assert not (tmp_path / "empty").exists()  # looking creates nothing
     ckpt = Checkpointer(str(tmp_path / "empty"))
     assert (ckpt.latest_step(), ckpt.all_steps()) == (None, [])
     assert ckpt.restore(TARGET) is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from mhc_jax import data
+from mhc_jax import data, data_cache
 
 MAX_DOC_CHARS = 2000
 _WORDS = ["the", "king", "wörld", "straße", "日本語", "🙂", "crown", "ale", "thou", "naïve"]
@@ -248,9 +248,9 @@ def test_eval_batches_cover_validation_once(prepared):
 
 def test_ensure_prepared_caches(corpus, prepared, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    bundled = data.ensure_prepared("", str(cache))
+    bundled = data_cache.ensure_prepared("", str(cache))
     assert data.read_meta(bundled)["sources"] == ["bundled:shakespeare.txt.xz"]
-    text_dir = data.ensure_prepared(corpus["root"], str(cache))
+    text_dir = data_cache.ensure_prepared(corpus["root"], str(cache))
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [Path(bundled).name, Path(text_dir).name]
     )  # No temporary directories left behind.
@@ -259,9 +259,9 @@ def test_ensure_prepared_caches(corpus, prepared, tmp_path, monkeypatch):
         raise AssertionError("prepared twice")
 
     monkeypatch.setattr(data, "prepare_corpus", fail)
-    assert data.ensure_prepared("", str(cache)) == bundled
-    assert data.ensure_prepared(corpus["root"], str(cache)) == text_dir
-    assert data.ensure_prepared(prepared, str(cache)) == prepared
+    assert data_cache.ensure_prepared("", str(cache)) == bundled
+    assert data_cache.ensure_prepared(corpus["root"], str(cache)) == text_dir
+    assert data_cache.ensure_prepared(prepared, str(cache)) == prepared
 
 
 def test_prepare_errors(tmp_path):
@@ -296,3 +296,12 @@ def test_loader_errors(prepared, tmp_path):
         data.eval_batches(str(tmp_path / "one"), seq_len=4, batch_size=1)
     with pytest.raises(ValueError, match="no meta.json"):
         data.make_train_iterator(str(tmp_path), seq_len=4, global_batch_size=1, seed=0)
+
+
+def test_check_source_and_local_only_loaders(corpus, prepared, tmp_path):
+    for ok in ("", prepared, corpus["root"], str(Path(corpus["root"]) / "a.txt")):
+        data_cache.check_source(ok)
+    with pytest.raises(ValueError, match=r"data.path='.*nope' is invalid \(source .* not exist\)"):
+        data_cache.check_source(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="gs://bucket/corpus.*read local shards only"):
+        data.make_train_iterator("gs://bucket/corpus", seq_len=4, global_batch_size=1, seed=0)

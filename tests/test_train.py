@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from mhc_jax import config as config_lib
-from mhc_jax import costs, loop
+from mhc_jax import costs, data_cache, loop, paths, run_dir
 from mhc_jax import data as data_lib
+from mhc_jax import logging as logging_lib
 from mhc_jax.model import ModelConfig
 from mhc_jax.optim import OptimizerConfig, decay_mask, make_optimizer
 from mhc_jax.train import init_train_state, make_train_step
@@ -49,7 +50,7 @@ def micro_config(**training):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return data_lib.ensure_prepared("", str(tmp_path_factory.mktemp("data")))
+    return data_cache.ensure_prepared("", str(tmp_path_factory.mktemp("data")))
 
 
 def run_cli(*args, check=True, **kw):
@@ -170,8 +171,8 @@ def test_loop_lowers_validation_loss(tmp_path, data_dir, connection, n):
 
 
 def read_jsonl(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """metrics.jsonl of a local or gs:// workdir."""
+    return logging_lib.read_jsonl(paths.path(workdir) / logging_lib.METRICS_FILE)
 
 
 def train_losses(workdir):
@@ -308,6 +309,109 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir):
     assert result["steps"] == 14
     resumed_steps = [r["step"] for r in read_jsonl(workdir) if r["split"] == "train"]
     assert resumed_steps[12:] == [7, 8, 9, 10, 11, 12, 13, 14]  # continued from step 6
+
+
+# ------------------------------------------------------------------------- resume safety
+
+
+def files_of(root) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_rerun_is_refused_reported_or_resumed_by_what_changed(tmp_path, data_dir, capsys):
+    cfg = micro_config(num_steps=4, eval_every=4, checkpoint_every=4, sample_tokens=0)
+    cfg.data.path = data_dir
+    workdir = tmp_path / "run"
+    first = loop.train_and_evaluate(cfg, str(workdir))
+    before = files_of(workdir)
+
+    # Finished: the logged results come back; nothing trains, samples or is written.
+    capsys.readouterr()
+    cfg.training.sample_tokens = 8
+    again = loop.train_and_evaluate(cfg, str(workdir))
+    assert "Already trained to step 4: steps=4, loss=" in capsys.readouterr().out
+    keys = ("steps", "loss", "val_loss", "val_bits_per_byte", "nonfinite_total")
+    assert again == {k: first[k] for k in keys}
+    assert files_of(workdir) == before
+
+    # Shapes or meaning changed: one error naming every such field, nothing written.
+    bad = config_lib.config_from_json(cfg.to_json())
+    bad.model.d_model, bad.optimizer.learning_rate, bad.training.num_steps = 64, 0.01, 6
+    with pytest.raises(run_dir.ConfigMismatchError) as err:
+        loop.train_and_evaluate(bad, str(workdir))
+    message = str(err.value)
+    assert "model.d_model: 32 in config.json, now 64" in message
+    assert "optimizer.learning_rate: 0.003 in config.json, now 0.01" in message
+    assert "num_steps:" not in message and "training.num_steps" in message  # allowed, listed
+    assert files_of(workdir) == before
+
+    shorter = config_lib.config_from_json(cfg.to_json())
+    shorter.training.num_steps = 2
+    with pytest.raises(ValueError, match=r"training.num_steps=2 is invalid.*step 4; must be >= 4"):
+        loop.train_and_evaluate(shorter, str(workdir))
+
+    # Allowed changes: resumes (resharded onto a data x fsdp mesh), config.json follows.
+    longer = config_lib.config_from_json(cfg.to_json())
+    longer.training.update(num_steps=6, eval_every=3, checkpoint_every=3, sample_tokens=0)
+    longer.sharding.update(data=4, fsdp=2)
+    longer.logging.log_every = 2
+    result = loop.train_and_evaluate(longer, str(workdir))
+    assert result["steps"] == 6 and "sample" not in result
+    assert [r["step"] for r in read_jsonl(workdir) if r["split"] == "train"] == [1, 2, 3, 4, 6]
+    recorded = run_dir.recorded_config(workdir)
+    assert recorded["training.num_steps"] == 6 and recorded["sharding.fsdp"] == 2
+
+
+def test_resumable_fields_keep_the_train_state_and_old_configs_still_compare(tmp_path):
+    defaults = run_dir.flat_config(config_lib.default_config())
+    sections = {k.split(".")[0] for k in defaults}
+    for field in run_dir.RESUMABLE_FIELDS:
+        assert field in defaults or field.removesuffix(".*") in sections, field
+
+    def abstract_state(cfg):
+        tx = make_optimizer(config_lib.optimizer_config(cfg), cfg.training.num_steps)
+        model_cfg = config_lib.model_config(cfg)
+        state = jax.eval_shape(lambda: init_train_state(model_cfg, tx, 0, boxed=True))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        return treedef, [(path, x.shape, x.dtype) for path, x in leaves]
+
+    base = abstract_state(micro_config())
+    for field, value in [
+        ("model.impl", "xla"),
+        ("model.impl", "pallas_interpret"),
+        ("model.attention", "xla"),
+        ("model.residual_shard", "sequence"),
+        ("optimizer.grad_accum_steps", 4),
+    ]:
+        assert run_dir.may_change(field)
+        cfg = micro_config()
+        cfg.update_from_flattened_dict({field: value})
+        assert abstract_state(cfg) == base, field
+
+    # An old config.json: a field since added takes its default, one since removed is ignored.
+    cfg = micro_config()
+    recorded = json.loads(cfg.to_json())
+    del recorded["logging"]["progress"]
+    recorded["training"]["removed_field"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    cfg.logging.progress = True
+    run_dir.check_resume(str(tmp_path), cfg)
+    cfg.model.n = 2
+    with pytest.raises(run_dir.ConfigMismatchError, match="model.n: 4 in config.json, now 2"):
+        run_dir.check_resume(str(tmp_path), cfg)
+
+
+@pytest.mark.parametrize("path", ["missing_dir", "empty_dir"])
+def test_bad_data_path_names_the_field_and_creates_nothing(tmp_path, path):
+    (tmp_path / "empty_dir").mkdir()
+    cfg = micro_config()
+    cfg.data.path = str(tmp_path / path)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"data.path='.*{path}' is invalid .*: must be ''"):
+        loop.train_and_evaluate(cfg, str(workdir))
+    assert not workdir.exists()
 
 
 def test_tensorboard_events_and_sample(tmp_path, data_dir):
