@@ -59,7 +59,7 @@ import numpy as np
 
 from mhc_jax.connections import residual_init_bias
 from mhc_jax.diagnostics import amax_gain, composite_products
-from mhc_jax.sinkhorn import LOGIT_FLOOR, sinkhorn_knopp
+from mhc_jax.sinkhorn import sinkhorn_knopp
 
 key = jax.random.key(0)
 
@@ -77,7 +77,7 @@ key = jax.random.key(0)
 def sinkhorn_errors(logits, num_iters):
     """Max row and column errors |sum - 1| after each of ``num_iters`` iterations."""
     shifted = logits - logits.max(axis=(-2, -1), keepdims=True)
-    m = np.exp(np.maximum(shifted, LOGIT_FLOOR))  # the library's floor (see its README)
+    m = np.exp(shifted)  # no row lies far enough below the max to underflow at these scales
     errors = []
     for _ in range(num_iters):
         m = m / m.sum(-2, keepdims=True)

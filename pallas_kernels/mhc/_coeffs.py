@@ -18,14 +18,13 @@ they read refs.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mhc_jax.sinkhorn import LOGIT_FLOOR
+from mhc_jax.sinkhorn import multiplicative_runs
 
 F32 = jnp.float32
 G_PRE, G_POST, G_RES, G_RMS = 0.0, 1.0, 2.0, 3.0
@@ -109,7 +108,10 @@ def pack_res(rows, info: Info, n: int, base: jax.Array) -> jax.Array:
 # Sinkhorn works on the n rows as separate (BT, np2(n)) values: column sums are
 # element-wise adds of the rows and row sums reduce only np2(n) lanes, so the 40
 # normalisations per token (and their VJP) need no wide lane reductions. Lanes
-# >= n of each row stay 0; column sums there are replaced by 1.
+# >= n of each row stay 0; column sums there are replaced by 1. The scheme is
+# mhc_jax.sinkhorn's (exact at every logit scale): iteration 0 in the log domain,
+# then multiplicative runs (``multiplicative_runs``), the iterate rebuilt from its
+# log lg between runs.
 
 
 def _inverse_sums(m, info: Info, by_col: bool) -> tuple[jax.Array, ...]:
@@ -126,17 +128,6 @@ def _normalise(m, info: Info, by_col: bool) -> tuple[jax.Array, ...]:
     return tuple(row * inv for row, inv in zip(m, _inverse_sums(m, info, by_col)))
 
 
-def _normalise_vjp(m, g, info: Info, by_col: bool) -> tuple[jax.Array, ...]:
-    """VJP of ``_normalise`` at input m: out = m / s  =>  dm = (g - sum_group(g * out)) / s."""
-    invs = _inverse_sums(m, info, by_col)
-    gout = [gr * (row * inv) for gr, row, inv in zip(g, m, invs)]
-    if by_col:
-        gsums = (sum(gout),) * len(m)
-    else:
-        gsums = tuple(jnp.sum(r, axis=1, keepdims=True) for r in gout)
-    return tuple((gr - gs) * inv for gr, gs, inv in zip(g, gsums, invs))
-
-
 def _iteration(m, info: Info) -> tuple[jax.Array, ...]:
     """One Sinkhorn iteration: columns sum to 1, then rows (rows last, as in SPEC §5)."""
     return _normalise(_normalise(m, info, True), info, False)
@@ -146,53 +137,110 @@ def _iterate(m, info: Info, start, stop) -> tuple[jax.Array, ...]:
     return lax.fori_loop(start, stop, lambda _, m: _iteration(m, info), tuple(m))
 
 
-def _sinkhorn_start(t, info: Info):
-    """exp of the max-shifted, floored logits (as mhc_jax.sinkhorn), and where not floored."""
+def _first_iteration(t, info: Info):
+    """Iteration 0 in the log domain from the logit rows t.
+
+    Returns (lg, m, p): the log of its result and the result (rows), and the column
+    softmax of t (its intermediate, for the VJP); all zero on lanes >= n but lg.
+    """
     valid = info.row_lane < len(t)
-    top = functools.reduce(
-        jnp.maximum, [jnp.max(jnp.where(valid, r, -jnp.inf), axis=1, keepdims=True) for r in t]
-    )
-    shifted = [r - top for r in t]
-    m = tuple(jnp.where(valid, jnp.exp(jnp.maximum(r, LOGIT_FLOOR)), 0.0) for r in shifted)
-    return m, tuple(valid & (r > LOGIT_FLOOR) for r in shifted)
+    top = functools.reduce(jnp.maximum, t)  # column maxima (lanes >= n: 0)
+    ec = [jnp.where(valid, jnp.exp(r - top), 0.0) for r in t]
+    col = jnp.where(valid, sum(ec), 1.0)
+    inv_col, log_col = 1.0 / col, jnp.log(col)
+    p = tuple(r * inv_col for r in ec)
+    lg, m = [], []
+    for r in t:
+        r = r - top  # row max before log_col, as in mhc_jax.sinkhorn
+        r = r - jnp.max(jnp.where(valid, r, -jnp.inf), axis=1, keepdims=True) - log_col
+        e = jnp.where(valid, jnp.exp(r), 0.0)
+        s = jnp.sum(e, axis=1, keepdims=True)
+        lg.append(r - jnp.log(s))
+        m.append(e * (1.0 / s))
+    return tuple(lg), tuple(m), p
+
+
+def _scaled_iterate(m, info: Info, start, stop):
+    """``_iterate``, also returning the products u (rows, (BT, 1)) and v ((BT, np2(n)))
+    of the row and column factors applied, so that the result is u * m * v."""
+
+    def body(_, carry):
+        m, u, v = carry
+        inv_col = _inverse_sums(m, info, True)
+        m = tuple(row * inv for row, inv in zip(m, inv_col))
+        inv_row = _inverse_sums(m, info, False)
+        m = tuple(row * inv for row, inv in zip(m, inv_row))
+        return m, tuple(a * inv for a, inv in zip(u, inv_row)), v * inv_col[0]
+
+    one = jnp.ones_like(m[0][:, :1])
+    carry = (tuple(m), (one,) * len(m), jnp.ones_like(m[0]))
+    return lax.fori_loop(start, stop, body, carry)
+
+
+def _rebuild(lg, u, v, info: Info):
+    """The iterate u * exp(lg) * v as exp(lg + log u + log v), and that log."""
+    log_v = jnp.log(v)
+    lg = tuple(r + jnp.log(a) + log_v for r, a in zip(lg, u))
+    return lg, tuple(jnp.where(info.row_lane < len(lg), jnp.exp(r), 0.0) for r in lg)
+
+
+def _run_starts(t, info: Info, runs):
+    """The iterate at the start of every multiplicative run (before iteration 1 when
+    there are none), and the first iteration's column softmax."""
+    lg, m, p = _first_iteration(t, info)
+    starts = [m]
+    for start, stop in runs[:-1]:
+        lg, m = _rebuild(lg, *_scaled_iterate(m, info, start, stop)[1:], info)
+        starts.append(m)
+    return starts, p
 
 
 def sinkhorn(t, info: Info, num_iters: int) -> tuple[jax.Array, ...]:
     """Sinkhorn-Knopp of the res logit rows t (``res_rows`` layout); returns the rows."""
-    return _iterate(_sinkhorn_start(t, info)[0], info, 0, num_iters)
+    runs = multiplicative_runs(len(t), num_iters)
+    starts, _ = _run_starts(t, info, runs)
+    return _iterate(starts[-1], info, *runs[-1]) if runs else starts[-1]
+
+
+def _iteration_vjp(m, grad, info: Info) -> tuple[jax.Array, ...]:
+    """VJP of ``_iteration`` at its input m, on log-gradients (x * dL/dx, the cotangent
+    of log x). Through out = x / s (s a column or row sum) a log-gradient G maps to
+    G - out * sum(G) over the group: no division, so it stays bounded, while dL/dx
+    itself grows like 1 / x for entries that later regrow (and overflows fp32)."""
+    c = _normalise(m, info, True)
+    r = _normalise(c, info, False)
+    grad = tuple(gr - o * jnp.sum(gr, axis=1, keepdims=True) for gr, o in zip(grad, r))
+    col = sum(grad)
+    return tuple(gr - o * col for gr, o in zip(grad, c))
 
 
 def sinkhorn_vjp(t, g, info: Info, num_iters: int) -> tuple[jax.Array, ...]:
-    """Exact VJP of ``sinkhorn`` w.r.t. the logit rows t for cotangent rows g.
+    """VJP of ``sinkhorn`` w.r.t. the logit rows t for cotangent rows g.
 
-    Back-propagates through recomputed iterates: the forward keeps the iterate
-    at the start of every segment of ``seg = ceil(sqrt(num_iters))`` iterations;
-    going backwards, each iterate is recomputed from its segment's checkpoint.
-    The recomputed iterates are bitwise the forward ones, so the result equals
-    autodiff of the unrolled loop, with about ``num_iters / seg`` iterates live
-    (registers or VMEM) and rolled loops (small kernels, fast compiles) for a few
-    times the forward arithmetic (the whole coefficient backward, alone: about
-    0.097 ms for 16384 tokens at n = 4 on an H100, 0.13-0.14 ms with a division
-    per entry). Keeping each segment's normalisations instead, unrolled, took
-    Triton minutes to compile and ran slower (commit d5a96a3).
+    Back-propagates log-gradients (``_iteration_vjp``) through recomputed iterates:
+    the iterate at the start of each multiplicative run (at most
+    ``ceil(sqrt(num_iters - 1))`` iterations) is kept; going backwards, each iterate
+    is recomputed from its run's start, so about ``sqrt(num_iters)`` iterates are
+    live (registers or VMEM) and loops stay rolled (small kernels, fast compiles)
+    for a few times the forward arithmetic. The recomputed iterates are bitwise the
+    forward ones. The rebuild between runs is the identity in exact arithmetic and
+    is differentiated as such; it only restores entries too small to matter (see
+    mhc_jax.sinkhorn), so the result is the exact VJP up to fp32 rounding.
     """
-    seg = math.isqrt(num_iters - 1) + 1
-    bounds = [(a, min(a + seg, num_iters)) for a in range(0, num_iters, seg)]
-    m0, alive = _sinkhorn_start(t, info)
-    checkpoints, m = [], m0
-    for start, stop in bounds:
-        checkpoints.append(m)
-        m = _iterate(m, info, start, stop)
-    gm = tuple(g)
-    for (start, stop), ckpt in reversed(list(zip(bounds, checkpoints))):
+    runs = multiplicative_runs(len(t), num_iters)
+    starts, p = _run_starts(t, info, runs)
+    out = _iterate(starts[-1], info, *runs[-1]) if runs else starts[-1]
+    grad = tuple(o * gr for o, gr in zip(out, g))
+    for (start, stop), ckpt in reversed(list(zip(runs, starts))):
 
-        def back(j, gm, start=start, stop=stop, ckpt=ckpt):
-            m = _iterate(ckpt, info, start, stop - 1 - j)
-            gm = _normalise_vjp(_normalise(m, info, True), gm, info, False)
-            return _normalise_vjp(m, gm, info, True)
+        def back(j, grad, start=start, stop=stop, ckpt=ckpt):
+            return _iteration_vjp(_iterate(ckpt, info, start, stop - 1 - j), grad, info)
 
-        gm = lax.fori_loop(0, stop - start, back, gm)
-    return tuple(jnp.where(a, m * d, 0.0) for a, m, d in zip(alive, m0, gm))
+        grad = lax.fori_loop(0, stop - start, back, grad)
+    # Iteration 0: starts[0] = row softmax of lc, lc = column log-softmax of t.
+    grad = [gr - m * jnp.sum(gr, axis=1, keepdims=True) for gr, m in zip(grad, starts[0])]
+    col = sum(grad)
+    return tuple(gr - pr * col for gr, pr in zip(grad, p))
 
 
 def _sigmoid(t: jax.Array) -> jax.Array:
