@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import pytest
 from etils.epath import backend as epath_backend
-from test_sweep_report import report
+from test_sweep_report import report, sweep
 from test_train import (
     ROOT,
     final_params,
@@ -150,6 +150,7 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     (bucket / "text" / "a.txt").write_text(_text(300, 0))
     (bucket / "text" / "more" / "b.txt").write_text(_text(200, 1))
     cfg = micro_config(num_steps=12, eval_every=6, checkpoint_every=4, sample_tokens=0)
+    cfg.model.num_blocks, cfg.model.n = 1, 2  # mHC (diagnostics.jsonl too), quick to compile
 
     cfg.data.path = f"{gcs}/missing"
     with pytest.raises(ValueError, match=rf"data.path='{gcs}/missing' is invalid .*: must be"):
@@ -207,6 +208,8 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
 
+    for name in ("straight", "resumed"):
+        assert sweep.run_status(sweep.Run(0, name, {}, {}, 12), f"{gcs}/sweep") == "finished"
     written = report.write_report(f"{gcs}/sweep", f"{gcs}/report")
     rows = {r["run"]: r for r in csv.DictReader(paths.path(written["results.csv"]).open())}
     assert sorted(rows) == ["resumed", "straight"]
