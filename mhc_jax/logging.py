@@ -109,7 +109,7 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in record.items():
                 self._writer.add_scalar(f"{split}/{key}", value, int(step))
-        if time.monotonic() - self._last_sync >= self._sync_every_s:
+        if self._staging is not None and time.monotonic() - self._last_sync > self._sync_every_s:
             self.sync()
 
     def profile(self, step: int, values: Mapping[str, object]) -> None:

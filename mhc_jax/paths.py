@@ -4,7 +4,8 @@
 Storage one (read and written through fsspec/gcsfs, as orbax does). Cloud objects
 cannot be appended to, renamed atomically or opened by C++ readers that take local
 file names, so the modules that need those work on local copies: logging.py appends
-locally and uploads, data.py writes and reads ArrayRecord shards locally.
+locally and uploads, data.py and data_cache.py write and read ArrayRecord shards
+locally.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, object]:
-    """ "section.name" -> JSON value (tuples as lists) of every field of ``config``."""
+    """Every field of ``config`` as "section.name" -> its JSON value (tuples as lists)."""
     return _flatten(json.loads(config.to_json_best_effort()))
 
 
