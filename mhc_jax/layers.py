@@ -17,11 +17,12 @@ F32 = jnp.float32
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def attention_impl(requested: str, dtype, head_dim: int) -> str:
+def attention_impl(requested: str, dtype, head_dim: int, seq_len: int) -> str:
     """The ``jax.nn.dot_product_attention`` implementation to use.
 
     "auto" takes cuDNN's fused flash attention where it applies (a GPU backend,
-    16-bit activations, head size a multiple of 8 up to 128) and XLA elsewhere.
+    16-bit activations, head size a multiple of 8 up to 128, an even sequence
+    length: its causal training kernels reject odd ones) and XLA elsewhere.
     JAX's own default (``implementation=None``) is the XLA path, which
     materialises the (B, H, T, T) scores: at T = 2048 that alone made training
     several times slower on an H100.
@@ -29,6 +30,7 @@ def attention_impl(requested: str, dtype, head_dim: int) -> str:
     if requested != "auto":
         return requested
     fits = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
+    fits = fits and seq_len % 2 == 0
     return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
@@ -104,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         x = x.astype(self.dtype)
         qkv = jnp.einsum("btc,cphd->pbthd", x, w_qkv.astype(self.dtype))
         q, k = rope(qkv[0], self.rope_base), rope(qkv[1], self.rope_base)
-        impl = attention_impl(self.implementation, self.dtype, d)
+        impl = attention_impl(self.implementation, self.dtype, d, x.shape[-2])
         out = jax.nn.dot_product_attention(q, k, qkv[2], is_causal=True, implementation=impl)
         return jnp.einsum("bthd,hdc->btc", out, w_out.astype(self.dtype))
 

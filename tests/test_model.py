@@ -212,10 +212,11 @@ def test_stream_reductions(reduce):
 
 def test_attention_impl_resolution():
     on_gpu = jax.default_backend() == "gpu"
-    assert attention_impl("auto", jnp.bfloat16, 128) == ("cudnn" if on_gpu else "xla")
-    assert attention_impl("auto", jnp.float32, 128) == "xla"  # cuDNN: 16-bit only
-    assert attention_impl("auto", jnp.bfloat16, 256) == "xla"  # head size > 128
-    assert attention_impl("xla", jnp.bfloat16, 128) == "xla"
+    assert attention_impl("auto", jnp.bfloat16, 128, 64) == ("cudnn" if on_gpu else "xla")
+    assert attention_impl("auto", jnp.float32, 128, 64) == "xla"  # cuDNN: 16-bit only
+    assert attention_impl("auto", jnp.bfloat16, 256, 64) == "xla"  # head size > 128
+    assert attention_impl("auto", jnp.bfloat16, 128, 31) == "xla"  # odd T: no causal training
+    assert attention_impl("xla", jnp.bfloat16, 128, 64) == "xla"
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
