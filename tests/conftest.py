@@ -1,5 +1,6 @@
-"""Test setup: 8 fake CPU devices (for mesh tests) before JAX's backend starts, and
-``lowered_text``, which lowers a jitted function for another platform on any host."""
+"""Test setup: 8 fake CPU devices (for mesh tests) before JAX's backend starts; the
+``cpu_devices`` fixture, which runs a mesh test on them on any host (a GPU host has one
+GPU); and ``lowered_text``, which lowers a jitted function for another platform."""
 
 import contextlib
 
@@ -21,6 +22,14 @@ def lower_text(fn, *args, platform: str) -> str:
     mesh = AbstractMesh((1,), ("_target",), (AxisType.Auto,), abstract_device=target)
     with contextlib.nullcontext() if on_device else use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.fixture
+def cpu_devices():
+    """The 8 CPU devices, made the default device for the test."""
+    devices = jax.devices("cpu")
+    with jax.default_device(devices[0]):
+        yield devices
 
 
 @pytest.fixture

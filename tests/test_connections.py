@@ -10,6 +10,14 @@ from mhc_jax import connections as C
 # --------------------------------------------------------------------- NumPy float64 reference
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """The references are float64 numpy: fp32 matmuls run at full precision (on a GPU
+    they default to TF32, about 1e-4 from float64 in these tests)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def np_sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mhc_jax import config as config_lib
-from mhc_jax import partitioned, preflight
+from mhc_jax import loop, partitioned, preflight
 from mhc_jax.model import LM, ModelConfig, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +39,9 @@ def test_auto_takes_the_kernels_where_they_fit(on_gpu, caplog):
     assert len(notes) == 1 and "n=12 runs on the XLA path" in notes[0]
 
 
-def test_auto_is_xla_off_accelerators():
-    assert jax.default_backend() == "cpu"
-    assert partitioned.resolve_impl("auto", 4) == "xla"
+def test_auto_follows_the_backend():
+    native = jax.default_backend() in ("gpu", "tpu")
+    assert partitioned.resolve_impl("auto", 4) == ("pallas" if native else "xla")
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,8 @@ def test_auto_is_xla_off_accelerators():
         ("triton", 4, r"model.impl='triton' is invalid: must be one of"),
     ],
 )
-def test_explicit_kernels_fail_loudly(impl, n, match):
+def test_explicit_kernels_fail_loudly(impl, n, match, monkeypatch):
+    monkeypatch.setattr(partitioned.jax, "default_backend", lambda: "cpu")
     with pytest.raises(ValueError, match=match):
         partitioned.resolve_impl(impl, n)
 
@@ -77,15 +78,15 @@ def _tiny(batch_size=8, **sharding):
     return cfg
 
 
-def test_preflight_checks_the_mesh_against_the_devices():
-    run = preflight.preflight(_tiny(data=2, fsdp=2, tensor=2))
+def test_preflight_checks_the_mesh_against_the_devices(cpu_devices):
+    run = preflight.preflight(_tiny(data=2, fsdp=2, tensor=2), cpu_devices)
     assert dict(run.layout.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert run.mhc_impl == "xla"
+    assert run.mhc_impl == partitioned.resolve_impl("auto", 4)
     assert "data 2 x fsdp 2 x tensor 2 over 8 cpu device(s)" in preflight.describe(run)
     with pytest.raises(ValueError, match=r"the product 16 must equal the 8 devices"):
-        preflight.preflight(_tiny(data=4, fsdp=2, tensor=2))
+        preflight.preflight(_tiny(data=4, fsdp=2, tensor=2), cpu_devices)
     with pytest.raises(ValueError, match=r"data.batch_size=12 is invalid"):
-        preflight.preflight(_tiny(12, data=-1, fsdp=1, tensor=1))
+        preflight.preflight(_tiny(12, data=-1, fsdp=1, tensor=1), cpu_devices)
 
 
 def _dry_run(*args):
@@ -105,3 +106,13 @@ def test_dry_run_validates_the_mesh_and_the_kernels():
     assert "error: sharding.(data, fsdp, tensor)=(2, 1, 1) is invalid" in bad_mesh.stderr
     bad_impl = _dry_run("--config.model.n=12", "--config.model.impl=pallas")
     assert bad_impl.returncode == 2 and "model.impl='pallas' is invalid for n=12" in bad_impl.stderr
+
+
+def test_training_with_unsupported_kernels_stops_before_anything_is_written(tmp_path):
+    cfg = _tiny()
+    cfg.model.impl = "pallas"  # a CPU host here (or n = 12 on any host) cannot run them
+    cfg.model.n = 12
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"model.impl='pallas' is invalid for n=12"):
+        loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert not any(tmp_path.iterdir())

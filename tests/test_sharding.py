@@ -25,13 +25,12 @@ def batch(b=8, t=16, vocab=64, seed=0):
     return toks[:, :-1], toks[:, 1:]
 
 
-def loss_and_grads(cfg, mesh_shape=(1, 1, 1), inputs_targets=None, residual_shard=None):
-    """Loss and parameter gradients of ``cfg`` on a (data, fsdp, tensor) mesh."""
+def loss_and_grads(cfg, devices, mesh_shape=(1, 1, 1), residual_shard=None):
+    """Loss and parameter gradients of ``cfg`` on a (data, fsdp, tensor) mesh of ``devices``."""
     if residual_shard:
         cfg = ModelConfig(**{**cfg.__dict__, "residual_shard": residual_shard})
-    inputs, targets = inputs_targets or batch()
-    devices = jax.devices()[: int(np.prod(mesh_shape))]
-    layout = Layout.create(MeshConfig(*mesh_shape), cfg, devices)
+    inputs, targets = batch()
+    layout = Layout.create(MeshConfig(*mesh_shape), cfg, devices[: int(np.prod(mesh_shape))])
     with layout.activate():
         shardings = layout.state_shardings(
             jax.eval_shape(lambda: init_train_state(cfg, TX, 0, boxed=True))
@@ -62,28 +61,28 @@ CONNECTIONS = [("residual", 1), ("hc", 4), ("mhc", 4)]
 
 
 @pytest.mark.parametrize("connection, n", CONNECTIONS)
-def test_meshes_give_the_same_loss_and_gradients(connection, n):
+def test_meshes_give_the_same_loss_and_gradients(connection, n, cpu_devices):
     cfg = ModelConfig(connection=connection, n=n, **SMALL)
-    ref_loss, ref_grads = loss_and_grads(cfg)
+    ref_loss, ref_grads = loss_and_grads(cfg, cpu_devices)
     shapes = [(8, 1, 1), (2, 2, 2), (1, 2, 4)] if connection == "mhc" else [(2, 2, 2)]
     for shape in shapes:
-        loss, grads = loss_and_grads(cfg, shape)
+        loss, grads = loss_and_grads(cfg, cpu_devices, shape)
         # float32 reductions reordered across devices (mHC, JAX 0.10.2 CPU): measured
         # |dloss| = 0 and max |dgrad| <= 2.5e-8 on every mesh; tolerances leave headroom.
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (shape, loss, ref_loss)
         assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
 
 
-def test_sequence_sharded_residual_matches():
+def test_sequence_sharded_residual_matches(cpu_devices):
     cfg = ModelConfig(connection="mhc", n=4, **SMALL)
-    ref_loss, ref_grads = loss_and_grads(cfg)
-    loss, grads = loss_and_grads(cfg, (1, 2, 4), residual_shard="sequence")
+    ref_loss, ref_grads = loss_and_grads(cfg, cpu_devices)
+    loss, grads = loss_and_grads(cfg, cpu_devices, (1, 2, 4), residual_shard="sequence")
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
 
 
-def collectives_of(cfg, mesh_shape, b=8, t=16):
-    layout = Layout.create(MeshConfig(*mesh_shape), cfg)
+def collectives_of(cfg, mesh_shape, devices, b=8, t=16):
+    layout = Layout.create(MeshConfig(*mesh_shape), cfg, devices)
     with layout.activate():
         shardings = layout.state_shardings(
             jax.eval_shape(lambda: init_train_state(cfg, TX, 0, boxed=True))
@@ -106,10 +105,10 @@ def collectives_of(cfg, mesh_shape, b=8, t=16):
     ]
 
 
-def test_no_all_gather_of_the_streams_under_tensor_parallelism():
+def test_no_all_gather_of_the_streams_under_tensor_parallelism(cpu_devices):
     n, c = 4, 48  # sizes that no other axis of the test has
     cfg = ModelConfig(connection="mhc", n=n, **{**SMALL, "d_model": c, "d_ff": 96})
-    ops = collectives_of(cfg, (1, 2, 4))
+    ops = collectives_of(cfg, (1, 2, 4), cpu_devices)
     gathers = [shape for kind, shape in ops if kind == "all-gather"]
     for shape in gathers:  # sub-layer inputs (B, T, C) may be gathered; the streams may not
         assert n * c not in shape and not any(
@@ -227,12 +226,12 @@ def test_recompute_block_length():
         (MeshConfig(-1, 3, 1), r"fixed sizes \(product 3\) must divide the 8 devices"),
     ],
 )
-def test_bad_mesh_sizes(mesh_cfg, match):
+def test_bad_mesh_sizes(mesh_cfg, match, cpu_devices):
     with pytest.raises(ValueError, match=match):
-        make_mesh(mesh_cfg)
+        make_mesh(mesh_cfg, cpu_devices)
 
 
-def test_bad_mesh_config_and_model_fit():
+def test_bad_mesh_config_and_model_fit(cpu_devices):
     with pytest.raises(
         ValueError, match=r"sharding.\(data, fsdp, tensor\)=\(-1, -1, 1\) is invalid"
     ):
@@ -244,8 +243,8 @@ def test_bad_mesh_config_and_model_fit():
         ValueError,
         match=r"model.num_heads=4 is invalid: must be divisible by the mesh's tensor size 8",
     ):
-        check_model_fits(make_mesh(MeshConfig(1, 1, 8)), cfg, seq_len=16, batch=8)
-    mesh = make_mesh(MeshConfig(1, 2, 4))
+        check_model_fits(make_mesh(MeshConfig(1, 1, 8), cpu_devices), cfg, seq_len=16, batch=8)
+    mesh = make_mesh(MeshConfig(1, 2, 4), cpu_devices)
     with pytest.raises(
         ValueError, match=r"model.d_ff=66 is invalid: must be divisible by the mesh's tensor size 4"
     ):
