@@ -30,10 +30,11 @@ from mhc_jax.checkpointing import Checkpointer
 from mhc_jax.diagnostics import gain_profile, heatmap_image
 from mhc_jax.logging import MetricsLogger
 from mhc_jax.optim import learning_rate_schedule, make_optimizer
+from mhc_jax.preflight import preflight
 from mhc_jax.sampling import generate
-from mhc_jax.sharding import check_model_fits
 from mhc_jax.train import (
     Layout,
+    compiler_options,
     eval_metrics,
     init_train_state,
     make_eval_step,
@@ -130,13 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       signal, ``preempted``; for a run that had finished already, those it logged
       (``run_dir.finished_results``).
     """
-    model_cfg = config_lib.model_config(config)
-    layout = Layout.create(config_lib.mesh_config(config), model_cfg)
-    data_shards = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
-    config_lib.validate(config, data_shards, jax.process_count())
-    check_model_fits(layout.mesh, model_cfg, config.data.seq_len, config.data.batch_size)
-    with layout.activate():
-        return _train_and_evaluate(config, workdir, model_cfg, layout)
+    run = preflight(config)
+    with run.layout.activate():
+        return _train_and_evaluate(config, workdir, run.model, run.layout)
 
 
 def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str, float]:
@@ -201,16 +198,19 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
     if is_main:
         run_dir.write_config(workdir, config)
 
+    options = compiler_options(t_cfg.deterministic)
     step_fn = jax.jit(
         make_train_step(model_cfg, tx, opt_cfg.grad_accum_steps),
         in_shardings=(state_shardings, layout.batch),
         out_shardings=(state_shardings, layout.replicated),
         donate_argnums=(0,),
+        compiler_options=options,
     )
     eval_step = jax.jit(
         make_eval_step(model_cfg),
         in_shardings=(state_shardings.params, layout.batch),
         out_shardings=layout.replicated,
+        compiler_options=options,
     )
     logger = MetricsLogger(
         str(workdir),

@@ -38,6 +38,8 @@ RESUMABLE_FIELDS = (
     "training.sample_prompt",
     "training.sample_temperature",
     "training.sample_top_k",
+    # XLA's deterministic mode: how the same steps are compiled, not what they compute.
+    "training.deterministic",
     # Where prepared data is cached, loader workers, and how much validation data is read.
     "data.cache_dir",
     "data.worker_count",

@@ -52,6 +52,16 @@ def init_train_state(
     return state if boxed else sharding_lib.strip_boxes(state)
 
 
+def compiler_options(deterministic: bool) -> dict[str, bool] | None:
+    """XLA options for a run's jitted computations (``jax.jit(..., compiler_options=)``).
+
+    ``deterministic`` turns on XLA's run-to-run determinism on GPU: scatter-adds (the
+    embedding gradient) and cuDNN attention's backward use their deterministic
+    algorithms, GEMMs no atomic split-K. The option is read by the GPU compiler only.
+    """
+    return {"xla_gpu_deterministic_ops": True} if deterministic else None
+
+
 def weighted_cross_entropy(logits, targets, weights) -> tuple[jax.Array, jax.Array]:
     """Sum of per-token cross entropy (nats) times weights, and the sum of weights.
 

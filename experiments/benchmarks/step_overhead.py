@@ -8,7 +8,10 @@ ratios are measured against a baseline from the same run:
     python experiments/benchmarks/step_overhead.py --shape=medium --mesh=1,1,2 \
         --variants=mhc:pallas:none,mhc:pallas:full,mhc:pallas:save_dots,mhc:pallas:mhc_blocks
 
-A variant is ``connection:impl:remat``. Shapes (seq 2048 unless set): A = 24 blocks,
+A variant is ``connection:impl:remat``, optionally ``:deterministic`` (XLA's
+deterministic GPU mode, ``training.deterministic``; a variant given twice runs
+twice, so final losses that differ show a mode is not run-to-run deterministic).
+Shapes (seq 2048 unless set): A = 24 blocks,
 C 2048, 16 heads, d_ff 5632; B = 12 blocks, C 4096, 32 heads, d_ff 11008; medium =
 the ~330M config (24 blocks, C 1024). bf16 activations, fp32 master weights, AdamW.
 
@@ -40,7 +43,7 @@ from mhc_jax import costs
 from mhc_jax.model import ModelConfig
 from mhc_jax.optim import OptimizerConfig, make_optimizer
 from mhc_jax.sharding import MeshConfig
-from mhc_jax.train import Layout, init_train_state, make_train_step
+from mhc_jax.train import Layout, compiler_options, init_train_state, make_train_step
 
 SHAPES = {
     "A": dict(num_blocks=24, d_model=2048, num_heads=16, d_ff=5632),
@@ -53,7 +56,7 @@ _SHAPE = flags.DEFINE_enum("shape", "A", list(SHAPES), "Model shape.")
 _VARIANTS = flags.DEFINE_list(
     "variants",
     "residual:xla:none,hc:xla:none,mhc:xla:none,mhc:pallas:none",
-    "connection:impl:remat",
+    "connection:impl:remat[:deterministic]",
 )
 _N = flags.DEFINE_integer("n", 4, "Streams of hc/mhc variants.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch (sequences).")
@@ -111,7 +114,9 @@ def floor_bytes_per_token(n: int, c: int, itemsize: int = 2) -> float:
 
 
 def run_variant(spec: str, layout_shape, batch_np) -> dict:
-    connection, impl, remat = spec.split(":")
+    connection, impl, remat, *mode = spec.split(":")
+    if mode not in ([], ["deterministic"]):
+        raise ValueError(f"--variants: {spec!r} must be connection:impl:remat[:deterministic]")
     n = 1 if connection == "residual" else _N.value
     cfg = ModelConfig(
         vocab_size=259,
@@ -135,6 +140,7 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
             in_shardings=(shardings, layout.batch),
             out_shardings=(shardings, layout.replicated),
             donate_argnums=(0,),
+            compiler_options=compiler_options(bool(mode)),
         )
         batch = layout.put_batch(batch_np)
         t0 = time.perf_counter()

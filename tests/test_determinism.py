@@ -1,0 +1,64 @@
+"""``training.deterministic``: two runs from one seed give bitwise-equal losses and parameters.
+
+Run natively on a GPU, where XLA's default scatter-add (the embedding gradient) and
+cuDNN attention's backward accumulate with atomics in no fixed order. CPU runs are
+deterministic without the switch (``test_train``'s kill-and-resume test compares
+runs bitwise).
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mhc_jax import config as config_lib
+from mhc_jax import loop
+from mhc_jax.train import compiler_options
+
+
+def test_compiler_options():
+    assert compiler_options(False) is None
+    assert compiler_options(True) == {"xla_gpu_deterministic_ops": True}
+
+
+def _config():
+    cfg = config_lib.default_config()
+    m = cfg.model
+    # bf16 and head size 32: cuDNN attention on a GPU; n = 4: the Pallas kernels.
+    m.num_blocks, m.d_model, m.num_heads, m.d_ff, m.dtype = 2, 64, 2, 128, "bfloat16"
+    cfg.data.seq_len, cfg.data.batch_size = 64, 8
+    cfg.data.eval_batch_size, cfg.data.eval_max_batches = 8, 2
+    cfg.training.update(
+        num_steps=20, eval_every=20, checkpoint_every=20, sample_tokens=0, deterministic=True
+    )
+    cfg.logging.update(log_every=1, diagnostics_every=20, progress=False, tensorboard=False)
+    return cfg
+
+
+def _train_losses(workdir) -> list[float]:
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="checks XLA's GPU deterministic mode; CPU runs are deterministic without it",
+)
+def test_two_deterministic_runs_are_bitwise_equal(tmp_path):
+    data = str(tmp_path / "data")
+    runs = []
+    for name in ("a", "b"):
+        cfg = _config()
+        cfg.data.cache_dir = data
+        loop.train_and_evaluate(cfg, str(tmp_path / name))
+        _, params, step = loop.load_run(str(tmp_path / name))
+        runs.append((_train_losses(tmp_path / name), params, step))
+    (losses_a, params_a, step_a), (losses_b, params_b, step_b) = runs
+    assert step_a == step_b == 20 and len(losses_a) == 20
+    assert losses_a == losses_b
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(params_a), jax.tree.leaves(params_b)
+    ):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
