@@ -72,20 +72,20 @@ def _first_iteration(t: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _iterations(m: jax.Array, count: int, eps: float):
-    """``count`` (column, row) normalisations of m, and the products u (..., n, 1) and
+    """``count`` >= 1 (column, row) normalisations of m, and the products u (..., n, 1) and
     v (..., 1, n) of the row and column factors, so that the result is u * m * v."""
 
-    def body(_, carry):
-        m, u, v = carry
+    def normalise(m, u, v):
         s = jnp.sum(m, axis=-2, keepdims=True) + eps  # columns sum to 1
         m, v = m / s, v / s
         s = jnp.sum(m, axis=-1, keepdims=True) + eps  # rows sum to 1
         return m / s, u / s, v
 
-    one = jnp.ones((), m.dtype)
-    u = jnp.broadcast_to(one, m.shape[:-1] + (1,))
-    v = jnp.broadcast_to(one, m.shape[:-2] + (1, m.shape[-1]))
-    return lax.fori_loop(0, count, body, (m, u, v))
+    # The first pair outside the loop: u and v then start from m's sums and carry their
+    # type (under shard_map, the mesh axes m varies over), as a fori_loop carry must.
+    ones = jnp.ones((), m.dtype)
+    m, u, v = normalise(m, ones, ones)
+    return lax.fori_loop(1, count, lambda _, carry: normalise(*carry), (m, u, v))
 
 
 def _sinkhorn_loop(logits: jax.Array, num_iters: int, eps: float) -> jax.Array:

@@ -335,3 +335,13 @@ def test_jit_vmap_and_grad_compose():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sinkhorn_knopp(**kwargs)
+
+
+def test_runs_inside_shard_map(cpu_devices):
+    """Under shard_map (the model's mHC on a mesh) the loop's carries vary over the mesh
+    axis like the logits; a carry that starts unvarying is a type error there."""
+    mesh = jax.sharding.Mesh(np.asarray(cpu_devices[:2]), ("x",))
+    spec = jax.sharding.PartitionSpec("x")
+    sharded = jax.shard_map(sinkhorn_knopp, mesh=mesh, in_specs=spec, out_specs=spec)
+    t = np.random.default_rng(3).standard_normal((4, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(jax.jit(sharded)(t), sinkhorn_knopp(t), rtol=1e-6, atol=1e-7)
