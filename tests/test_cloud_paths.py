@@ -151,6 +151,7 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     (bucket / "text" / "more" / "b.txt").write_text(_text(200, 1))
     cfg = micro_config(num_steps=12, eval_every=6, checkpoint_every=4, sample_tokens=0)
     cfg.model.num_blocks, cfg.model.n = 1, 2  # mHC (diagnostics.jsonl too), quick to compile
+    cfg.training.deterministic = True  # bitwise on a GPU too (its scatter-adds otherwise are not)
 
     cfg.data.path = f"{gcs}/missing"
     with pytest.raises(ValueError, match=rf"data.path='{gcs}/missing' is invalid .*: must be"):
