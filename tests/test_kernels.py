@@ -49,7 +49,14 @@ KERNELS = {
 PLATFORM = jax.default_backend()
 NATIVE = {"triton": PLATFORM in ("gpu", "cuda", "rocm"), "tpu": PLATFORM == "tpu"}
 BACKENDS = [
-    pytest.param(b, marks=pytest.mark.skipif(PLATFORM != "cpu" and not NATIVE[b], reason=PLATFORM))
+    pytest.param(
+        b,
+        marks=pytest.mark.skipif(
+            PLATFORM != "cpu" and not NATIVE[b],
+            reason=f"the {b} kernels compile only for their own platform, and the Pallas "
+            f"interpreter runs them on CPU hosts only; this host's backend is {PLATFORM}",
+        ),
+    )
     for b in KERNELS
 ]
 CPU = jax.devices("cpu")[0]
