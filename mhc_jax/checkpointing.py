@@ -258,11 +258,17 @@ class Checkpointer:
             return
         root = self._manager.directory
         if jax.process_index() == 0:
-            (root / _QUARANTINE_DIR).mkdir(parents=True, exist_ok=True)
+            quarantine = root / _QUARANTINE_DIR
+            quarantine.mkdir(parents=True, exist_ok=True)
+            # Cloud storage has no empty folders, and a move needs its target's folder to
+            # exist: a file in it makes it exist there too.
+            (quarantine / "README.txt").write_text(
+                "Checkpoint steps that failed to restore, moved here for inspection.\n"
+            )
             for step in sorted(self._unrestorable):
                 path = root / str(step)  # orbax's default step name format: the bare number
                 if path.exists():
-                    dest = root / _QUARANTINE_DIR / f"{step}-{time.time_ns()}"
+                    dest = quarantine / f"{step}-{time.time_ns()}"
                     log.warning("Moving unrestorable checkpoint %s to %s", path, dest)
                     path.rename(dest)
         if jax.process_count() > 1:

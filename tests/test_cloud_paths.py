@@ -120,10 +120,14 @@ def gcs(tmp_path, monkeypatch):
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "FSSPEC_GCS_TOKEN": "anon",
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-        "JAX_PLATFORMS": "cpu",
         paths.LOCAL_CACHE_ENV: str(tmp_path / "host_cache"),
     }.items():
         monkeypatch.setenv(name, value)
+    # Child runs train on this process's platform, so that their results compare bitwise.
+    if jax.default_backend() == "cpu":
+        monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    else:
+        monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     monkeypatch.setitem(fsspec.config.conf.setdefault("gcs", {}), "token", "anon")
     registered = {p: fsspec.get_filesystem_class(p) for p in ("gs", "gcs")}
     for protocol in registered:
@@ -151,7 +155,7 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     (bucket / "text" / "more" / "b.txt").write_text(_text(200, 1))
     cfg = micro_config(num_steps=12, eval_every=6, checkpoint_every=4, sample_tokens=0)
     cfg.model.num_blocks, cfg.model.n = 1, 2  # mHC (diagnostics.jsonl too), quick to compile
-    cfg.training.deterministic = True  # bitwise on a GPU too (its scatter-adds otherwise are not)
+    cfg.training.deterministic = True  # for bitwise resumes on a GPU (default scatter-adds vary)
 
     cfg.data.path = f"{gcs}/missing"
     with pytest.raises(ValueError, match=rf"data.path='{gcs}/missing' is invalid .*: must be"):
@@ -217,3 +221,26 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     assert rows["resumed"]["steps"] == rows["straight"]["steps"] == "12"
     assert rows["resumed"]["final_val_loss"] == rows["straight"]["final_val_loss"] != ""
     assert paths.path(written["loss_curves.png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_corrupt_checkpoint_is_moved_aside_on_cloud_storage(gcs):
+    """A step that fails to restore is moved to unrestorable/ at the next save (a move on
+    gs:// needs its target folder to exist, and cloud storage has no empty folders)."""
+    from test_checkpointing import TARGET, save
+
+    from mhc_jax.checkpointing import Checkpointer
+
+    root = paths.path(gcs) / "ckpt"
+    ckpt = Checkpointer(str(root))
+    save(ckpt, 1)
+    save(ckpt, 2)
+    ckpt.close()
+    (root / "2" / "data_state" / "metadata").write_text("{garbage")
+    ckpt = Checkpointer(str(root))
+    assert ckpt.restore(TARGET).step == 1
+    assert save(ckpt, 2, force=True)
+    ckpt.close()
+    assert saved_steps(str(root)) == [1, 2]
+    assert Checkpointer(str(root)).restore(TARGET).step == 2
+    moved = sorted(p.name for p in (root / "unrestorable").iterdir())
+    assert len(moved) == 2 and moved[0].startswith("2-") and moved[1] == "README.txt"
