@@ -262,17 +262,13 @@ def _saved_steps(run_dir: str) -> list[int]:
 
 
 def is_finished(run_dir: str, num_steps: int) -> bool:
-    """A checkpoint at ``num_steps`` and a validation record at that step in metrics.jsonl."""
-    from mhc_jax.logging import METRICS_FILE, read_jsonl
+    """Whether the run has trained to ``num_steps``: what ``train.py`` reports as done."""
+    from mhc_jax.run_dir import finished_results
 
-    metrics = paths.path(run_dir) / METRICS_FILE
-    if num_steps not in _saved_steps(run_dir) or not metrics.exists():
-        return False
     try:
-        records = read_jsonl(metrics)
-    except ValueError:
-        return False
-    return any(r.get("split") == "validation" and r.get("step") == num_steps for r in records)
+        return finished_results(run_dir, num_steps) is not None
+    except ValueError:  # its newest checkpoint is past num_steps
+        return True
 
 
 def run_status(run: Run, workdir: str) -> str:

@@ -40,9 +40,10 @@ RESUMABLE_FIELDS = (
     "training.sample_top_k",
     # XLA's deterministic mode: how the same steps are compiled, not what they compute.
     "training.deterministic",
-    # Where prepared data is cached, loader workers, and how much validation data is read.
+    # Where prepared data is cached and how much validation data is read. (Not
+    # data.worker_count: the data iterator's saved position has another form with worker
+    # processes, and grain restores it wrongly or not at all across a change.)
     "data.cache_dir",
-    "data.worker_count",
     "data.eval_batch_size",
     "data.eval_max_batches",
     # How the same computation is laid out and run: checkpoints are resharded onto the new
@@ -103,8 +104,8 @@ def check_resume(workdir: str | epath.Path, config: ml_collections.ConfigDict) -
         recorded and new values.
     """
     old = recorded_config(workdir)
-    if old is None:
-        return
+    if old is None or not saved_steps(paths.path(workdir) / "checkpoints"):
+        return  # nothing saved yet (config.json is written before the first checkpoint)
     new = flat_config(config)
     changed = [k for k in new if old[k] != new[k] and not may_change(k)]
     if changed:
@@ -122,6 +123,15 @@ def write_config(workdir: str | epath.Path, config: ml_collections.ConfigDict) -
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths.write_text_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
+
+
+# finished_results' keys: (split, field) of the metrics.jsonl record at the final step.
+_LOGGED_RESULTS = {
+    "loss": ("train", "loss"),
+    "nonfinite_total": ("train", "nonfinite_total"),
+    "val_loss": ("validation", "loss"),
+    "val_bits_per_byte": ("validation", "bits_per_byte"),
+}
 
 
 def finished_results(workdir: str | epath.Path, num_steps: int) -> dict | None:
@@ -151,12 +161,12 @@ def finished_results(workdir: str | epath.Path, num_steps: int) -> dict | None:
         if r.get("step") == num_steps
     }
     result: dict = {"steps": num_steps}
-    if "train" in last:
-        train = last["train"]
-        result.update(loss=train["loss"], nonfinite_total=int(train["nonfinite_total"]))
-    if "validation" in last:
-        val = last["validation"]
-        result.update(val_loss=val["loss"], val_bits_per_byte=val["bits_per_byte"])
+    # A record may lack a field (a log written by another version): report what it has.
+    for name, (split, field) in _LOGGED_RESULTS.items():
+        if field in last.get(split, {}):
+            result[name] = last[split][field]
+    if "nonfinite_total" in result:
+        result["nonfinite_total"] = int(result["nonfinite_total"])
     if (workdir / SAMPLE_FILE).exists():
         result["sample"] = (workdir / SAMPLE_FILE).read_text()
     return result
