@@ -59,8 +59,10 @@ def walk(top: str | epath.PathLike) -> Iterator[tuple[epath.Path, list[str], lis
 
 
 def walk_files(top: str | epath.PathLike) -> list[epath.Path]:
-    """Every file under directory ``top``, recursively, sorted."""
-    return sorted((root / name for root, _, files in walk(top) for name in files), key=str)
+    """Every file under directory ``top``, recursively, sorted as paths (component by
+    component, as pathlib sorts: ``a/b.txt`` before ``a-c.txt``)."""
+    files = (root / name for root, _, files in walk(top) for name in files)
+    return sorted(files, key=lambda p: str(p).split("/"))
 
 
 def write_text_atomic(target: epath.Path, text: str) -> None:

@@ -305,3 +305,15 @@ def test_check_source_and_local_only_loaders(corpus, prepared, tmp_path):
         data_cache.check_source(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="gs://bucket/corpus.*read local shards only"):
         data.make_train_iterator("gs://bucket/corpus", seq_len=4, global_batch_size=1, seed=0)
+
+
+def test_directory_sources_keep_pathlib_order(tmp_path):
+    """Files of a source directory come in pathlib's order (component by component), as
+    they always did, so the same sources give the same documents and split."""
+    for name in ("a/b.txt", "a-c.txt", "a/z/y.txt.xz", "b.txt", "a/notes.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    found = [str(p) for p in data.collect_text_files([str(tmp_path)])]
+    want = sorted(p for p in tmp_path.rglob("*") if p.name.endswith((".txt", ".txt.xz")))
+    assert found == [str(p) for p in want]
+    assert [p.split("/")[-1] for p in found] == ["b.txt", "y.txt.xz", "a-c.txt", "b.txt"]
