@@ -17,9 +17,24 @@ from mhc_jax import loop
 from mhc_jax.train import compiler_options
 
 
-def test_compiler_options():
-    assert compiler_options(False) is None
-    assert compiler_options(True) == {"xla_gpu_deterministic_ops": True}
+def test_the_switch_reaches_the_compiled_steps(tmp_path, monkeypatch):
+    """The loop compiles its train and eval steps with the switch's XLA options."""
+    jit, options = jax.jit, []
+
+    def recording_jit(fn, **kwargs):
+        options.append(kwargs.get("compiler_options"))
+        return jit(fn, **kwargs)
+
+    monkeypatch.setattr(loop.jax, "jit", recording_jit)
+    cfg = _config()
+    cfg.model.update(num_blocks=1, dtype="float32")
+    cfg.training.update(num_steps=1, eval_every=1, checkpoint_every=1)
+    cfg.data.cache_dir = str(tmp_path / "data")
+    loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+    want = {"xla_gpu_deterministic_ops": True}
+    assert compiler_options(True) == want and compiler_options(False) is None
+    assert options.count(want) == 2, options  # the train step and the eval step
+    assert all(o in (None, want) for o in options), options
 
 
 def _config():
