@@ -2,9 +2,10 @@
 
 For random N(0, std^2) logit matrices, compares the library (``sinkhorn_knopp``)
 and the kernels' coefficient math (``_coeffs.sinkhorn`` / ``sinkhorn_vjp``, run
-as plain jnp) with the SPEC loop in float64 (NumPy) and its gradient (float64
-autodiff of the same loop), then a few adversarial inputs against the loop in
-the log domain (float64; the plain loop underflows there):
+as plain jnp) with the SPEC loop in float64 and its gradient by float64 autodiff
+(``reference.sinkhorn_unrolled``: the loop on logs, which never underflows), on
+random logits and on a few adversarial inputs. The tests (tests/test_sinkhorn.py)
+check against a float64 loop of their own:
 
     python experiments/benchmarks/sinkhorn_accuracy.py --matrices=2000
 """
@@ -19,56 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax.sinkhorn import sinkhorn_knopp
-from pallas_kernels.mhc import _coeffs
+from pallas_kernels.mhc import _coeffs, reference
 
 STDS = (0.1, 1.0, 3.0, 6.0, 10.0, 30.0)
 NS = (1, 2, 3, 4, 8)
 
 
-def spec_loop(t, num_iters):
-    """SPEC §5 as written (NumPy float64)."""
-    m = np.exp(t - t.max(axis=(-2, -1), keepdims=True))
-    for _ in range(num_iters):
-        m = m / m.sum(axis=-2, keepdims=True)
-        m = m / m.sum(axis=-1, keepdims=True)
-    return m
+@functools.partial(jax.jit, static_argnums=2)
+def _reference_and_vjp(t, g, num_iters):
+    out, vjp = jax.vjp(lambda t: reference.sinkhorn_unrolled(t, num_iters), t)
+    return out, vjp(g)[0]
 
 
-def _lse(a, axis, xp=np):
-    top = a.max(axis=axis, keepdims=True)
-    return top + xp.log(xp.exp(a - top).sum(axis=axis, keepdims=True))
-
-
-def log_loop(t, num_iters):
-    """The same loop on logs (NumPy float64): equal in real arithmetic, never underflows."""
-    for _ in range(num_iters):
-        t = t - _lse(t, -2)
-        t = t - _lse(t, -1)
-    return np.exp(t)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _vjp64(t, g, log, num_iters):
-    def step(_, x):
-        if log:
-            x = x - _lse(x, -2, jnp)
-            return x - _lse(x, -1, jnp)
-        x = x / x.sum(axis=-2, keepdims=True)
-        return x / x.sum(axis=-1, keepdims=True)
-
-    def loop(t):
-        start = t if log else jnp.exp(t - t.max(axis=(-2, -1), keepdims=True))
-        out = jax.lax.fori_loop(0, num_iters, step, start)
-        return jnp.exp(out) if log else out
-
-    return jax.vjp(loop, t)[1](g)[0]
-
-
-def float64_vjp(t, g, num_iters, log=False):
-    """VJP of the SPEC loop (on logs if ``log``) by float64 autodiff."""
+def float64_reference(t, g, num_iters):
+    """The SPEC loop and its VJP in float64: ``reference.sinkhorn_unrolled``, the loop
+    on logs (equal in exact arithmetic, and it never underflows), and its autodiff."""
     with jax.enable_x64(True):
         t, g = jnp.asarray(t, jnp.float64), jnp.asarray(g, jnp.float64)
-        return np.asarray(_vjp64(t, g, log, num_iters))
+        return tuple(np.asarray(a) for a in _reference_and_vjp(t, g, num_iters))
 
 
 def rel_err(got, want) -> float:
@@ -111,7 +80,7 @@ def random_table(matrices: int, num_iters: int, seed: int) -> list[str]:
         for std in STDS:
             t = (rng.standard_normal((matrices, n, n)) * std).astype(np.float32)
             g = rng.standard_normal((matrices, n, n)).astype(np.float32)
-            want, dwant = spec_loop(t.astype(np.float64), num_iters), float64_vjp(t, g, num_iters)
+            want, dwant = float64_reference(t, g, num_iters)
             for name, fn in IMPLS.items():
                 out, dt = (np.asarray(a, np.float64) for a in fn(t, g, num_iters))
                 err = np.abs(out - want).max(axis=(-2, -1))
@@ -151,8 +120,7 @@ def adversarial_table(seed: int) -> list[str]:
             t = t.astype(np.float32)
             g = rng.standard_normal(t.shape).astype(np.float32)
             for num_iters in (20, 50):
-                want = log_loop(t.astype(np.float64), num_iters)
-                dwant = float64_vjp(t, g, num_iters, log=True)
+                want, dwant = float64_reference(t, g, num_iters)
                 for name, fn in IMPLS.items():
                     out, dt = (np.asarray(a, np.float64) for a in fn(t, g, num_iters))
                     lines.append(
