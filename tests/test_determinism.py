@@ -6,11 +6,10 @@ deterministic without the switch (``test_train``'s kill-and-resume test compares
 runs bitwise).
 """
 
-import json
-
 import jax
 import numpy as np
 import pytest
+from test_train import final_params, train_losses
 
 from mhc_jax import config as config_lib
 from mhc_jax import loop
@@ -51,12 +50,6 @@ def _config():
     return cfg
 
 
-def _train_losses(workdir) -> list[float]:
-    with open(workdir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    return [r["loss"] for r in records if r["split"] == "train"]
-
-
 @pytest.mark.skipif(
     jax.default_backend() != "gpu",
     reason="checks XLA's GPU deterministic mode; CPU runs are deterministic without it",
@@ -68,9 +61,8 @@ def test_two_deterministic_runs_are_bitwise_equal(tmp_path):
         cfg = _config()
         cfg.data.cache_dir = data
         loop.train_and_evaluate(cfg, str(tmp_path / name))
-        _, params, step = loop.load_run(str(tmp_path / name))
-        runs.append((_train_losses(tmp_path / name), params, step))
-    (losses_a, params_a, step_a), (losses_b, params_b, step_b) = runs
+        runs.append((train_losses(tmp_path / name), *final_params(str(tmp_path / name))))
+    (losses_a, step_a, params_a), (losses_b, step_b, params_b) = runs
     assert step_a == step_b == 20 and len(losses_a) == 20
     assert losses_a == losses_b
     for (path, a), b in zip(
