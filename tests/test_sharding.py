@@ -16,7 +16,9 @@ from mhc_jax.remat import blocks_per_group, default_recompute_layers
 from mhc_jax.sharding import MeshConfig, check_model_fits, make_mesh
 from mhc_jax.train import Layout, init_train_state
 
-SMALL = dict(vocab_size=64, num_blocks=2, d_model=32, num_heads=4, d_ff=64)
+# impl="xla": the meshes are of CPU devices on any host, and "auto" would take the
+# Pallas kernels whenever the default backend is a GPU or TPU.
+SMALL = dict(vocab_size=64, num_blocks=2, d_model=32, num_heads=4, d_ff=64, impl="xla")
 TX = make_optimizer(OptimizerConfig(warmup_steps=0), 10)
 
 

@@ -214,7 +214,10 @@ def test_extreme_logits_stay_finite(impl, n):
     mixed = rng.choice([-1e4, 0.0, 1e4], (64, n, n), p=[0.15, 0.7, 0.15])
     t = np.concatenate([pattern, mixed + rng.standard_normal((64, n, n))]).astype(np.float32)
     out, dt, g = run(impl, t)
-    assert np.all(np.isfinite(dt)) and np.all((out >= 0) & (out <= 1))
+    # Entries are at most 1 up to rounding: XLA's GPU division is not correctly rounded,
+    # so a / sum(column) can exceed 1 by an ulp where a is the column's only mass.
+    assert np.all(np.isfinite(dt)) and out.min() >= 0, out.min()
+    assert out.max() <= 1 + 4 * np.finfo(np.float32).eps, out.max() - 1
     np.testing.assert_allclose(out.sum(-1), 1.0, atol=ROW_TOL)
     want, dwant = log_loop(t.astype(np.float64)), float64_vjp(t, g, log=True)
     for half, tol in ((slice(0, 64), 1e-6), (slice(64, 128), 5e-4)):

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ (x86-64 Linux, CPython 3.12) the wheels, at constraints.txt's
-# versions, of the packages that an offline GPU machine lacks when its Python 3.12
-# already has JAX 0.11.2 with its CUDA plugin, flax, optax, orbax-checkpoint, absl, etils,
-# fsspec, tensorboard, numpy, scipy, matplotlib, pytest and pytest-xdist. On that machine:
-#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+# versions, of the packages that an offline GPU machine lacks (or has too old: fsspec, whose
+# "adaptive" cache gcsfs uses) when its Python 3.12 already has JAX 0.11.2 with
+# its CUDA plugin, flax, optax, orbax-checkpoint, absl, etils, tensorboard, numpy, scipy,
+# matplotlib, pytest and pytest-xdist. tools/gpu_check.sh installs them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=(
   array-record grain ml-collections tensorboardx portpicker tzdata
   # the Cloud Storage path test: gcsfs, google-cloud-storage and the emulator
-  gcsfs gcp-storage-emulator google-api-core google-auth google-auth-oauthlib
+  fsspec gcsfs gcp-storage-emulator google-api-core google-auth google-auth-oauthlib
   google-cloud-core google-cloud-storage google-cloud-storage-control google-crc32c
   google-resumable-media googleapis-common-protos grpc-google-iam-v1 grpcio-status
   oauthlib requests-oauthlib opentelemetry-api proto-plus pyasn1 pyasn1-modules
