@@ -50,8 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
             async_checkpointing=True,
             max_nonfinite_streak=10,
             # XLA's run-to-run deterministic mode for the jitted steps (GPU: deterministic
-            # scatter for the embedding gradient and cuDNN attention's backward; CPU runs
-            # are deterministic without it). See README, Reliability.
+            # scatter for the embedding gradient, and XLA attention instead of cuDNN's; CPU
+            # runs are deterministic without it). See README, Reliability.
             deterministic=False,
             sample_tokens=200,
             sample_prompt="ROMEO:",

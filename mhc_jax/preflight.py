@@ -17,7 +17,7 @@ from mhc_jax import config as config_lib
 from mhc_jax.model import ModelConfig
 from mhc_jax.partitioned import resolve_impl
 from mhc_jax.sharding import check_model_fits
-from mhc_jax.train import Layout
+from mhc_jax.train import Layout, deterministic_model
 
 
 class Preflight(NamedTuple):
@@ -34,7 +34,7 @@ def preflight(config: ml_collections.ConfigDict, devices=None) -> Preflight:
     Raises:
       ValueError: naming the first invalid field, its value and what is allowed.
     """
-    model_cfg = config_lib.model_config(config)
+    model_cfg = deterministic_model(config_lib.model_config(config), config.training.deterministic)
     config_lib.optimizer_config(config)
     layout = Layout.create(config_lib.mesh_config(config), model_cfg, devices)
     mesh = layout.mesh

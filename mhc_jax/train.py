@@ -56,10 +56,31 @@ def compiler_options(deterministic: bool) -> dict[str, bool] | None:
     """XLA options for a run's jitted computations (``jax.jit(..., compiler_options=)``).
 
     ``deterministic`` turns on XLA's run-to-run determinism on GPU: scatter-adds (the
-    embedding gradient) and cuDNN attention's backward use their deterministic
-    algorithms, GEMMs no atomic split-K. The option is read by the GPU compiler only.
+    embedding gradient) use their deterministic algorithm, GEMMs no atomic split-K.
+    The option is read by the GPU compiler only. Pair it with ``deterministic_model``.
     """
     return {"xla_gpu_deterministic_ops": True} if deterministic else None
+
+
+def deterministic_model(model_cfg: ModelConfig, deterministic: bool) -> ModelConfig:
+    """The model a run compiles with ``compiler_options(deterministic)``.
+
+    Deterministic runs use XLA attention: "auto" resolves to "xla", and "cudnn" is a
+    ValueError. XLA as shipped with JAX 0.11.2 fails at the first step (``IndexError:
+    absl::container_internal::raw_hash_map<>::at``, measured on an H200) when the
+    deterministic mode meets two identical cuDNN attention backward calls, i.e. any
+    model with more than one layer (openxla/xla#46500). XLA attention materialises
+    the (B, H, T, T) scores, so it needs more memory than cuDNN's at long sequences.
+    """
+    if not deterministic:
+        return model_cfg
+    if model_cfg.attention == "cudnn":
+        raise ValueError(
+            "model.attention='cudnn' is invalid with training.deterministic=True: XLA's "
+            "deterministic mode fails on cuDNN attention's backward (openxla/xla#46500); "
+            "use 'auto' (XLA attention when deterministic) or 'xla'"
+        )
+    return dataclasses.replace(model_cfg, attention="xla")
 
 
 def weighted_cross_entropy(logits, targets, weights) -> tuple[jax.Array, jax.Array]:

@@ -1,7 +1,7 @@
 """``training.deterministic``: two runs from one seed give bitwise-equal losses and parameters.
 
-Run natively on a GPU, where XLA's default scatter-add (the embedding gradient) and
-cuDNN attention's backward accumulate with atomics in no fixed order. CPU runs are
+Run natively on a GPU, where XLA's default scatter-add (the embedding gradient)
+accumulates with atomics in no fixed order. CPU runs are
 deterministic without the switch (``test_train``'s kill-and-resume test compares
 runs bitwise).
 """
@@ -12,8 +12,8 @@ import pytest
 from test_train import final_params, train_losses
 
 from mhc_jax import config as config_lib
-from mhc_jax import loop
-from mhc_jax.train import compiler_options
+from mhc_jax import loop, preflight
+from mhc_jax.train import compiler_options, deterministic_model
 
 
 def test_the_switch_reaches_the_compiled_steps(tmp_path, monkeypatch):
@@ -36,10 +36,24 @@ def test_the_switch_reaches_the_compiled_steps(tmp_path, monkeypatch):
     assert all(o in (None, want) for o in options), options
 
 
+def test_deterministic_runs_use_xla_attention(cpu_devices):
+    """cuDNN attention's backward breaks XLA's deterministic mode (openxla/xla#46500)."""
+    cfg = _config()
+    assert preflight.preflight(cfg, cpu_devices[:1]).model.attention == "xla"
+    cfg.training.deterministic = False
+    assert preflight.preflight(cfg, cpu_devices[:1]).model.attention == "auto"
+    model = config_lib.model_config(cfg)
+    assert deterministic_model(model, False) is model
+    cfg.training.deterministic, cfg.model.attention = True, "cudnn"
+    with pytest.raises(ValueError, match=r"model.attention='cudnn' is invalid with training"):
+        preflight.preflight(cfg, cpu_devices[:1])
+
+
 def _config():
     cfg = config_lib.default_config()
     m = cfg.model
-    # bf16 and head size 32: cuDNN attention on a GPU; n = 4: the Pallas kernels.
+    # bf16 and head size 32: cuDNN attention on a GPU unless deterministic; n = 4: the
+    # Pallas kernels.
     m.num_blocks, m.d_model, m.num_heads, m.d_ff, m.dtype = 2, 64, 2, 128, "bfloat16"
     cfg.data.seq_len, cfg.data.batch_size = 64, 8
     cfg.data.eval_batch_size, cfg.data.eval_max_batches = 8, 2

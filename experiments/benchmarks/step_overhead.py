@@ -9,7 +9,7 @@ ratios are measured against a baseline from the same run:
         --variants=mhc:pallas:none,mhc:pallas:full,mhc:pallas:save_dots,mhc:pallas:mhc_blocks
 
 A variant is ``connection:impl:remat``, optionally ``:deterministic`` (XLA's
-deterministic GPU mode, ``training.deterministic``; a variant given twice runs
+deterministic GPU mode with XLA attention, ``training.deterministic``; a variant given twice runs
 twice, so final losses that differ show a mode is not run-to-run deterministic).
 Shapes (seq 2048 unless set): A = 24 blocks,
 C 2048, 16 heads, d_ff 5632; B = 12 blocks, C 4096, 32 heads, d_ff 11008; medium =
@@ -43,7 +43,13 @@ from mhc_jax import costs
 from mhc_jax.model import ModelConfig
 from mhc_jax.optim import OptimizerConfig, make_optimizer
 from mhc_jax.sharding import MeshConfig
-from mhc_jax.train import Layout, compiler_options, init_train_state, make_train_step
+from mhc_jax.train import (
+    Layout,
+    compiler_options,
+    deterministic_model,
+    init_train_state,
+    make_train_step,
+)
 
 SHAPES = {
     "A": dict(num_blocks=24, d_model=2048, num_heads=16, d_ff=5632),
@@ -129,6 +135,7 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         scan_layers=_SCAN.value,
         **SHAPES[_SHAPE.value],
     )
+    cfg = deterministic_model(cfg, bool(mode))
     tx = make_optimizer(OptimizerConfig(warmup_steps=10), 1000)
     layout = Layout.create(MeshConfig(*layout_shape), cfg)
     with layout.activate():
