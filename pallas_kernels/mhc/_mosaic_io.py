@@ -1,0 +1,103 @@
+"""Tiles, coefficient layout and launch settings shared by the Mosaic GPU kernels.
+
+Every Mosaic GPU kernel of this package works on (BT, bc) tiles of the streams: BT = 64
+tokens (one warpgroup's WGMMA row tile), bc columns of one stream. Tiles move between
+global and shared memory by TMA; a token block past the end of T is zero-filled on
+load and clipped on store by the TMA unit itself, so T needs padding only to a multiple
+of 8 (``aligned``). Per-token coefficients travel transposed and padded, (K, T_pad) fp32
+with T_pad a multiple of BT, so that the BT values of one coefficient are one
+contiguous TMA box that loads into the row layout the tiles broadcast along.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+F32 = jnp.float32
+BT = 64
+TOKEN_ALIGN = 8  # TMA into tiled shared memory needs T a multiple of the 8-row tiling
+COLUMN_BLOCKS = (256, 128, 64, 32)
+# Shared memory a kernel may fill with tiles: first about half of the 227 KiB a Hopper
+# block can take, so two blocks share an SM and one's loads hide the other's math;
+# failing that (fp32 streams at n = 8), most of it for one block per SM.
+SMEM_BUDGETS = (112 * 1024, 200 * 1024)
+TILE = plgpu.Layout.WGMMA  # (BT, bc) tiles in registers
+ROW = plgpu.Layout.WGMMA.reduce(1)  # (BT,) per-token values, broadcast along columns
+
+
+class UnsupportedInput(ValueError):
+    """The Mosaic GPU kernels do not take this input; the message says why and what does."""
+
+
+def column_block(name: str, c: int, tiles: int, itemsize: int) -> int:
+    """Widest bc in COLUMN_BLOCKS dividing c with ``tiles`` (BT, bc) tiles in the first
+    of SMEM_BUDGETS that fits any.
+
+    Raises:
+      UnsupportedInput: no such bc (c not a multiple of 32, or too many tiles).
+    """
+    for budget in SMEM_BUDGETS:
+        for bc in COLUMN_BLOCKS:
+            if c % bc == 0 and tiles * BT * bc * itemsize <= budget:
+                return bc
+    raise UnsupportedInput(
+        f"{name}: C={c} with {tiles} tiles of {itemsize}-byte values: the Mosaic GPU kernels "
+        f"need C a multiple of {COLUMN_BLOCKS[-1]} and {tiles} x {BT} x {COLUMN_BLOCKS[-1]} "
+        f"x {itemsize} bytes within {SMEM_BUDGETS[-1]} bytes of shared memory; use "
+        "impl='xla' or the Triton kernels"
+    )
+
+
+def aligned(op):
+    """``op`` on arrays whose leading token axis is zero-padded to a multiple of
+    TOKEN_ALIGN, its output sliced back. Padding copies the streams, so only a T that
+    is not a multiple of 8 pays for it."""
+
+    def call(*args):
+        *arrays, static = args
+        t = arrays[0].shape[0]
+        pad = -t % TOKEN_ALIGN
+        if pad:
+            arrays = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+        out = op(*arrays, static)
+        return out[:t] if pad else out
+
+    return call
+
+
+def padded_tokens(t: int) -> int:
+    """T rounded up to a whole number of token blocks."""
+    return -(-t // BT) * BT
+
+
+def coeffs_in(h: jax.Array) -> jax.Array:
+    """(T, K) per-token coefficients -> (K, T_pad) fp32, zero past T."""
+    t = h.shape[0]
+    return jnp.pad(h.astype(F32), ((0, padded_tokens(t) - t), (0, 0))).T
+
+
+def coeffs_out(h_t: jax.Array, t: int) -> jax.Array:
+    """(K, T_pad) kernel output -> (T, K)."""
+    return h_t[:, :t].T
+
+
+def interpret_params(interpret: bool):
+    """``plgpu.kernel``'s ``interpret``: the GPU interpreter, with race detection."""
+    return plgpu.InterpretGPUParams(detect_races=True) if interpret else None
+
+
+def load_row(ref) -> jax.Array:
+    """(BT,) fp32 values of a (BT,) shared-memory row, laid out to broadcast over columns."""
+    return plgpu.load(ref, layout=ROW)
+
+
+def load_tile(ref) -> jax.Array:
+    """(BT, bc) tile of a shared-memory ref as fp32 registers."""
+    return plgpu.load(ref, layout=TILE).astype(F32)
+
+
+def across(row: jax.Array, bc: int) -> jax.Array:
+    """(BT,) per-token values broadcast to a (BT, bc) tile."""
+    return jax.lax.broadcast_in_dim(row, (BT, bc), [0])

@@ -1,0 +1,174 @@
+"""Pallas Mosaic GPU mHC kernels (``*_mosaic.py``) against the pure-jnp references.
+
+On a CPU host every kernel runs in the Mosaic GPU interpreter with race detection, and
+is lowered for CUDA, which catches shared memory over a block's limit, illegal TMA
+boxes and layout-inference failures (not ptxas errors, spills or wrong numbers: those
+need the GPU, where the same tests run the compiled kernels). JAX 0.11.2's interpreter
+records a race without raising, so each run asserts the record is clean, and one test
+checks that a kernel with a missing barrier wait is recorded. T = 83 is neither a
+multiple of the 8-token alignment nor of the 64-token block.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_kernels import TOL, _rel, _rng, _value_and_grads
+
+from pallas_kernels.mhc import _mosaic_io, post_res_mosaic, pre_mosaic, reference
+from pallas_kernels.mhc._common import Static
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+T = 83
+PLATFORM = jax.default_backend()
+CPU = jax.devices("cpu")[0]
+pytestmark = pytest.mark.skipif(
+    PLATFORM not in ("cpu", "gpu"),
+    reason=f"the Mosaic GPU kernels run on a GPU or in the interpreter on a CPU host, "
+    f"not on {PLATFORM}",
+)
+STATIC = Static(interpret=PLATFORM == "cpu")
+# (n, C, dtype): every n the kernels take, column blocks of 256 down to 32 (C = 96 and
+# fp32 at n = 8 take the 32-column tiles), both stream dtypes.
+SHAPES = [(1, 64, F32), (2, 256, BF16), (3, 96, F32), (4, 128, BF16), (8, 64, F32)]
+
+
+def _races_recorded() -> bool:
+    """Whether the interpreter recorded a race in the last interpreted kernel."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    return PLATFORM == "cpu" and gpu_callbacks.get_races().races_found
+
+
+def _inputs(rng, n, c, dtype):
+    x = jnp.asarray(rng.standard_normal((T, n, c)), dtype)
+    f = jnp.asarray(rng.standard_normal((T, c)), dtype)
+    h_res = jnp.asarray(rng.uniform(0, 1, (T, n, n)) / n, F32)
+    h_post = jnp.asarray(rng.uniform(0, 2, (T, n)), F32)
+    h_pre = jnp.asarray(rng.uniform(0, 1, (T, n)), F32)
+    return x, f, h_res, h_post, h_pre
+
+
+OPS = {
+    "pre": (
+        lambda x, f, h_res, h_post, h_pre: (h_pre, x),
+        lambda *a: pre_mosaic.apply_pre(*a, STATIC),
+        reference.apply_pre,
+    ),
+    "post_res": (
+        lambda x, f, h_res, h_post, h_pre: (h_res, h_post, x, f),
+        lambda *a: post_res_mosaic.apply_post_res(*a, STATIC),
+        reference.apply_post_res,
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("n, c, dtype", SHAPES)
+def test_matches_reference(op, n, c, dtype):
+    """Forward and VJP (every input's cotangent) against the reference on the CPU."""
+    pick, kernel, ref = OPS[op]
+    args = pick(*_inputs(_rng(op, n, c), n, c, dtype))
+    jax.block_until_ready(jax.jit(kernel)(*args))
+    assert not _races_recorded()  # the record covers the last kernel run: the forward
+    got = _value_and_grads(kernel, args, _rng("cot", op, n, c))
+    assert not _races_recorded()  # the backward
+    want = _value_and_grads(ref, args, _rng("cot", op, n, c), device=CPU)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype
+        assert _rel(g, w) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_backward_is_bitwise_repeatable(op):
+    """Column-block partials are summed in a fixed order: no atomics anywhere."""
+    pick, kernel, _ = OPS[op]
+    args = pick(*_inputs(_rng("repeat", op), 4, 128, BF16))
+    first, second = _value_and_grads(kernel, args, _rng("cot", "repeat", op), repeat=2)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(PLATFORM != "cpu", reason="checks the interpreter's race record")
+def test_the_race_record_catches_a_missing_wait():
+    """The premise of the race assertions: reading a TMA destination before waiting
+    on its barrier is recorded."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def run(wait_first: bool):
+        def body(x_ref, o_ref, x_smem, loaded):
+            plgpu.copy_gmem_to_smem(x_ref, x_smem, loaded)
+            if wait_first:
+                plgpu.barrier_wait(loaded)
+            x_smem[...] = (_mosaic_io.load_tile(x_smem) * 2).astype(x_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(x_smem, o_ref)
+            plgpu.wait_smem_to_gmem(0)
+            if not wait_first:
+                plgpu.barrier_wait(loaded)
+
+        x = jnp.ones((64, 128), F32)
+        out = plgpu.kernel(
+            body,
+            out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            scratch_types=[plgpu.SMEM(x.shape, x.dtype), plgpu.Barrier(num_arrivals=1)],
+            interpret=_mosaic_io.interpret_params(True),
+        )(x)
+        jax.block_until_ready(out)
+        return _races_recorded()
+
+    assert not run(wait_first=True)
+    assert run(wait_first=False)
+
+
+def test_unsupported_widths_raise_a_typed_error():
+    x, f, h_res, h_post, h_pre = _inputs(_rng("unsupported"), 4, 40, F32)
+    with pytest.raises(_mosaic_io.UnsupportedInput, match=r"apply_pre: C=40 .* multiple of 32"):
+        pre_mosaic.apply_pre(h_pre, x, STATIC)
+    with pytest.raises(_mosaic_io.UnsupportedInput, match=r"apply_post_res: C=40"):
+        post_res_mosaic.apply_post_res(h_res, h_post, x, f, STATIC)
+
+
+def test_column_blocks_fit_the_shared_memory_budgets():
+    assert _mosaic_io.column_block("op", 4096, 5, 2) == 128  # pre at n = 4, bf16: 80 KiB
+    assert _mosaic_io.column_block("op", 4096, 9, 2) == 64  # post-res at n = 4, bf16: 72 KiB
+    assert _mosaic_io.column_block("op", 96, 3, 2) == 32
+    # fp32 post-res at n = 8: 17 tiles fit only the one-block-per-SM budget
+    assert _mosaic_io.column_block("op", 1024, 17, 4) == 32
+    with pytest.raises(_mosaic_io.UnsupportedInput):
+        _mosaic_io.column_block("op", 1024, 40, 4)
+
+
+# (n, dtype) lowered: the smallest and the paper's n in both dtypes; n = 8 takes ~25 s
+# of layout inference per kernel on a CPU, so once, outside the smoke set.
+LOWER = [
+    pytest.param(1, F32, marks=pytest.mark.smoke),
+    pytest.param(4, BF16, marks=pytest.mark.smoke),
+    pytest.param(4, F32, marks=pytest.mark.smoke),
+    (8, BF16),
+]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("n, dtype", LOWER)
+def test_kernels_lower_for_cuda(op, n, dtype, lowered_text):
+    """Each op lowers to one Mosaic GPU custom call forward and one more backward."""
+    pick, _, _ = OPS[op]
+    args = pick(*_inputs(_rng("lower"), n, 2048, dtype))
+    compiled = Static(interpret=False)
+    kernel = {
+        "pre": lambda *a: pre_mosaic.apply_pre(*a, compiled),
+        "post_res": lambda *a: post_res_mosaic.apply_post_res(*a, compiled),
+    }[op]
+
+    def loss(*a):
+        return jnp.sum(kernel(*a).astype(F32))
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
+    for fn, calls in ((kernel, 1), (grad, 2)):
+        text = lowered_text(fn, *args, platform="cuda")
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
