@@ -4,7 +4,8 @@
         [--hidden 1280 2560 4096] [--streams 4] [--reps 25]
 
 For each (T, C) with bf16 streams and n streams it times, for impl "xla" (the
-library's broadcast-multiply jnp) and "pallas" (api), each op's forward and
+library's broadcast-multiply jnp), "pallas" (api) and, on a GPU, "mosaic" (the Mosaic
+GPU kernels, pre and post-res so far), each op's forward and
 forward+backward, the mHC connection forward+backward (mapping fused with pre,
 then post-res; f and the cotangents of layer_input and x_next are inputs), and a
 plain residual add forward+backward (the floor), plus a device copy for the
@@ -33,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mhc import api, blocks
+from pallas_kernels.mhc import api, blocks, post_res_mosaic, pre_mosaic
+from pallas_kernels.mhc._common import Static
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 WARMUP, BATCH = 3, 4
@@ -109,9 +111,13 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
         return api.mhc_mappings_and_pre(*a, impl=impl)
 
     def pre(h, x):
+        if impl == "mosaic":
+            return pre_mosaic.apply_pre(h, x, Static())
         return api.apply_pre(h, x, impl=impl)
 
     def post_res(hr, hp, x, f):
+        if impl == "mosaic":
+            return post_res_mosaic.apply_post_res(hr, hp, x, f, Static())
         return api.apply_post_res(hr, hp, x, f, impl=impl)
 
     def connection(x, f, phi, bias, alpha):
@@ -120,7 +126,7 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
 
     h_cots = (d["h_pre"], d["h_post"], d["h_res"])
     post_args = (d["h_res"], d["h_post"], d["x"], d["f"])
-    return {
+    table = {
         "mapping fwd": (mapping, maps, n * e + phi_b + k * coef),
         "mapping fwd+bwd": (
             _vjp_all(mapping),
@@ -151,6 +157,9 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
             (4 * n + 4) * e + 2 * phi_b,
         ),
     }
+    if impl == "mosaic":  # Mosaic GPU kernels exist for pre and post-res so far
+        return {name: case for name, case in table.items() if name.startswith(("pre", "post"))}
+    return table
 
 
 def residual(d: dict, t: int, c: int):
@@ -168,7 +177,7 @@ def bench(args) -> None:
     copy_bw = copy_bandwidth(args.reps)
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
     header = f"{'T':>6} {'C':>5} {'op':22s} {'impl':7s} {'ms':>8} {'GB':>6} {'GB/s':>6} "
-    print(header + f"{'copy':>5} {'xla/pallas':>10}")
+    print(header + f"{'copy':>5} {'xla/impl':>10}")
     for t in args.tokens:
         for c in args.hidden:
             d = make_inputs(t, args.streams, c)
@@ -176,7 +185,7 @@ def bench(args) -> None:
             sec = timeit(jax.jit(fn), *a, reps=args.reps)
             _row(t, c, "residual add fwd+bwd", "xla", sec, nbytes, copy_bw, "")
             times = {}
-            for impl in ("xla", "pallas"):
+            for impl in ("xla", "pallas", *(["mosaic"] if device.platform == "gpu" else [])):
                 for name, (fn, a, nbytes) in cases(impl, d, t, args.streams, c).items():
                     try:
                         sec = timeit(jax.jit(fn), *a, reps=args.reps)
@@ -184,7 +193,7 @@ def bench(args) -> None:
                         print(f"{t:6d} {c:5d} {name:22s} {impl:7s} FAILED {err!r:.300}")
                         continue
                     times[name, impl] = sec
-                    ratio = times.get((name, "xla"), float("nan")) / sec if impl == "pallas" else ""
+                    ratio = times.get((name, "xla"), float("nan")) / sec if impl != "xla" else ""
                     _row(t, c, name, impl, sec, nbytes, copy_bw, ratio)
             del d
 
