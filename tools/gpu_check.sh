@@ -9,10 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: $0 OUT_DIR [SUITE_SECONDS] [BENCH_SECONDS]}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl \
-  > "$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-  >> "$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
+tools/gpu_install.sh "$out/pip.log" || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # test processes share the GPU
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 start=$SECONDS

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The Mosaic GPU kernels natively (see experiments/results/mosaic_gpu/NOTES.md): their
+# tests, then kernels.py's api timings (xla, Triton and Mosaic rows) at the notes' sizes.
+# usage: tools/mosaic_check.sh OUT_DIR [TEST_SECONDS] [BENCH_SECONDS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: $0 OUT_DIR [TEST_SECONDS] [BENCH_SECONDS]}
+mkdir -p "$out"
+tools/gpu_install.sh "$out/pip.log" || exit 1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+timeout "${2:-200}" python3 -m pytest -v -p no:cacheprovider -rfEs --tb=short \
+  --durations=10 tests/test_mosaic_kernels.py > "$out/tests.log" 2>&1
+echo "tests rc=$?" | tee -a "$out/tests.log"
+timeout "${3:-300}" python3 experiments/benchmarks/kernels.py --tokens 8192 32768 \
+  --hidden 1280 4096 > "$out/kernels.log" 2>&1
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
+grep -E " passed| failed" "$out/tests.log" | tail -1
+grep -E "copy bandwidth|^ +T |pre |post-res " "$out/kernels.log"
