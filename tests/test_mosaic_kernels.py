@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_kernels import TOL, _rel, _rng, _value_and_grads
 
-from pallas_kernels.mhc import _mosaic_io, post_res_mosaic, pre_mosaic, reference
+from pallas_kernels.mhc import _mosaic_io, mapping_mosaic, post_res_mosaic, pre_mosaic, reference
 from pallas_kernels.mhc._common import Static
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -81,6 +81,60 @@ def test_matches_reference(op, n, c, dtype):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == w.dtype
         assert _rel(g, w) <= TOL[dtype]
+
+
+def _mapping_inputs(rng, n, c):
+    k = n * n + 2 * n
+    x = jnp.asarray(rng.standard_normal((T, n, c)), BF16)
+    phi = jnp.asarray(rng.standard_normal((n * c, k)) * 2 / np.sqrt(n * c), F32)
+    bias = jnp.asarray(rng.standard_normal(k), F32)
+    return x, phi, bias, jnp.asarray(rng.uniform(0.5, 1.5, 3), F32)
+
+
+# bf16 outputs: their own rounding; fp32 ones (coefficients and the cotangents of phi,
+# bias, alpha) come from bf16 x through fp32 accumulation: measured up to 3e-5 relative
+# (d_alpha at n = 8), where the pre/post-res kernels' fp32 math stays near 1e-6.
+MAPPING_TOL = {jnp.dtype(BF16): 1e-2, jnp.dtype(F32): 1e-4}
+# (n, C, with_pre, tied): the projection's spans, the dx kernel's column blocks and
+# the pre's weight gradient at the narrowest and widest coefficient rows (kp 16, 128)
+MAPPINGS = [
+    (1, 64, False, False),
+    (4, 128, True, False),
+    (4, 192, True, True),
+    (8, 64, True, False),
+]
+
+
+@pytest.mark.parametrize("n, c, with_pre, tied", MAPPINGS)
+def test_mapping_matches_reference(n, c, with_pre, tied):
+    """Outputs (layer_input, h_pre, h_post, h_res[, x]) and the cotangents of x, phi,
+    bias and alpha; bf16 streams (the Mosaic mapping takes 16-bit streams only)."""
+    args = _mapping_inputs(_rng("mapping", n, c), n, c)
+
+    def kernel(*a):
+        return mapping_mosaic.mapping(*a, STATIC, with_pre, tied)
+
+    def ref(*a):
+        outs = (reference.mhc_mappings_and_pre if with_pre else reference.mhc_mappings)(*a)
+        return (*outs, a[0]) if tied else outs
+
+    jax.block_until_ready(jax.jit(kernel)(*args))
+    assert not _races_recorded()
+    got = _value_and_grads(kernel, args, _rng("cot", "mapping", n, c))
+    assert not _races_recorded()
+    want = _value_and_grads(ref, args, _rng("cot", "mapping", n, c), device=CPU)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype
+        assert _rel(g, w) <= MAPPING_TOL[g.dtype]
+
+
+def test_mapping_takes_16_bit_streams_and_whole_chunks():
+    x, phi, bias, alpha = _mapping_inputs(_rng("mapping", "bad"), 4, 64)
+    with pytest.raises(_mosaic_io.UnsupportedInput, match=r"float32 streams"):
+        mapping_mosaic.mapping(x.astype(F32), phi, bias, alpha, STATIC, True)
+    x, phi, bias, alpha = _mapping_inputs(_rng("mapping", "bad"), 4, 96)
+    with pytest.raises(_mosaic_io.UnsupportedInput, match=r"C=96: .* multiple of 64"):
+        mapping_mosaic.mapping(x, phi, bias, alpha, STATIC, True)
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -170,5 +224,24 @@ def test_kernels_lower_for_cuda(op, n, dtype, lowered_text):
 
     grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
     for fn, calls in ((kernel, 1), (grad, 2)):
+        text = lowered_text(fn, *args, platform="cuda")
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+
+
+@pytest.mark.parametrize("n", [pytest.param(4, marks=pytest.mark.smoke), 8])
+def test_mapping_lowers_for_cuda(n, lowered_text):
+    """Forward: the projection and the pre; backward adds the pre's weight gradient
+    and the dx kernel (the coefficient epilogue and dphi are XLA)."""
+    args = _mapping_inputs(_rng("lower", n), n, 2048)
+    compiled = Static(interpret=False)
+
+    def fwd(*a):
+        return mapping_mosaic.mapping(*a, compiled, True, True)
+
+    def loss(*a):
+        return sum(jnp.sum(o.astype(F32)) for o in fwd(*a))
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    for fn, calls in ((fwd, 2), (grad, 4)):
         text = lowered_text(fn, *args, platform="cuda")
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls

@@ -5,7 +5,7 @@
 
 For each (T, C) with bf16 streams and n streams it times, for impl "xla" (the
 library's broadcast-multiply jnp), "pallas" (api) and, on a GPU, "mosaic" (the Mosaic
-GPU kernels, pre and post-res so far), each op's forward and
+GPU kernels), each op's forward and
 forward+backward, the mHC connection forward+backward (mapping fused with pre,
 then post-res; f and the cotangents of layer_input and x_next are inputs), and a
 plain residual add forward+backward (the floor), plus a device copy for the
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mhc import api, blocks, post_res_mosaic, pre_mosaic
+from pallas_kernels.mhc import api, blocks, mapping_mosaic, post_res_mosaic, pre_mosaic
 from pallas_kernels.mhc._common import Static
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -105,9 +105,13 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
     maps = (d["x"], d["phi"], d["bias"], d["alpha"])
 
     def mapping(*a):
+        if impl == "mosaic":
+            return mapping_mosaic.mapping(*a, Static(), False)
         return api.mhc_mappings(*a, impl=impl)
 
     def mapping_pre(*a):
+        if impl == "mosaic":
+            return mapping_mosaic.mapping(*a, Static(), True)
         return api.mhc_mappings_and_pre(*a, impl=impl)
 
     def pre(h, x):
@@ -121,12 +125,12 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
         return api.apply_post_res(hr, hp, x, f, impl=impl)
 
     def connection(x, f, phi, bias, alpha):
-        li, _, h_post, h_res = api.mhc_mappings_and_pre(x, phi, bias, alpha, impl=impl)
-        return li, api.apply_post_res(h_res, h_post, x, f, impl=impl)
+        li, _, h_post, h_res = mapping_pre(x, phi, bias, alpha)
+        return li, post_res(h_res, h_post, x, f)
 
     h_cots = (d["h_pre"], d["h_post"], d["h_res"])
     post_args = (d["h_res"], d["h_post"], d["x"], d["f"])
-    table = {
+    return {
         "mapping fwd": (mapping, maps, n * e + phi_b + k * coef),
         "mapping fwd+bwd": (
             _vjp_all(mapping),
@@ -157,9 +161,6 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
             (4 * n + 4) * e + 2 * phi_b,
         ),
     }
-    if impl == "mosaic":  # Mosaic GPU kernels exist for pre and post-res so far
-        return {name: case for name, case in table.items() if name.startswith(("pre", "post"))}
-    return table
 
 
 def residual(d: dict, t: int, c: int):

@@ -39,11 +39,13 @@ def width(n: int) -> int:
 def packed_width(n: int, backend: str) -> int:
     """Lanes of the packed row: K + 1 rounded up.
 
-    Triton needs power-of-two shapes and tl.dot needs N >= 16; Mosaic wants the
-    phi^T parts (kp, n*C) in whole bf16 sublane tiles of 16 rows.
+    Triton needs power-of-two shapes and tl.dot needs N >= 16, as do Mosaic GPU's
+    wgmma operands whose rows are kp wide (a 16-bit row must fill a swizzle span of
+    32, 64 or 128 bytes, or whole 128-byte ones); Mosaic TPU wants the phi^T parts
+    (kp, n*C) in whole bf16 sublane tiles of 16 rows.
     """
     k1 = width(n) + 1
-    if backend == "triton":
+    if backend in ("triton", "mosaic_gpu"):
         return max(16, 1 << (k1 - 1).bit_length())
     return -(-k1 // 16) * 16
 

@@ -62,7 +62,7 @@ def aligned(op):
         if pad:
             arrays = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
         out = op(*arrays, static)
-        return out[:t] if pad else out
+        return jax.tree.map(lambda o: o[:t], out) if pad else out
 
     return call
 

@@ -3,7 +3,8 @@
 Forward ``layer_input = sum_i h_pre[i] x[i]``: one block per (token block, column
 block) loads the n stream tiles and the n coefficient rows by TMA, sums in fp32
 registers and stores one tile. Backward, gridded the same way: ``dx[i] = h_pre[i] dli``
-and this column block's part of ``dh_pre[i] = <x[i], dli>``; the per-column-block
+and this column block's part of ``dh_pre[i] = <x[i], dli>`` (``weight_grad``: the
+latter alone, for the mapping kernel's fused pre); the per-column-block
 partials (fp32, (C/bc, n, T_pad)) are summed outside in a fixed order, so runs are
 bitwise repeatable. See ``_mosaic_io`` for the tiles and the coefficient layout.
 """
@@ -59,14 +60,21 @@ def fwd(h, x, static):
     )(io.coeffs_in(h), x)
 
 
-def bwd(h, x, dli, static):
-    """(dx (T, n, C) in x.dtype, dh_pre (T, n) fp32) for the cotangent dli (T, C)."""
+def _bwd_call(h, x, dli, static):
+    """(dx or None, dh_pre (T, n) fp32); dx only when h is given."""
     t, n, c = x.shape
+    with_dx = h is not None
     bc = io.column_block("apply_pre backward", c, n + 1, x.dtype.itemsize)
 
-    def body(h_ref, x_ref, d_ref, dx_ref, dh_ref, h_smem, x_smem, d_smem, dh_smem, loaded):
+    def body(*refs):
+        h_ref, (x_ref, d_ref), refs = (
+            (refs[0], refs[1:3], refs[3:]) if with_dx else (None, refs[:2], refs[2:])
+        )
+        dx_ref, refs = (refs[0], refs[1:]) if with_dx else (None, refs)
+        dh_ref, h_smem, x_smem, d_smem, dh_smem, loaded = refs
         rows, cols = pl.ds(lax.axis_index("t") * io.BT, io.BT), pl.ds(lax.axis_index("c") * bc, bc)
-        plgpu.copy_gmem_to_smem(h_ref.at[:, rows], h_smem, loaded)
+        if with_dx:
+            plgpu.copy_gmem_to_smem(h_ref.at[:, rows], h_smem, loaded)
         plgpu.copy_gmem_to_smem(d_ref.at[rows, cols], d_smem, loaded)
         for i in range(n):
             plgpu.copy_gmem_to_smem(x_ref.at[rows, i, cols], x_smem.at[i], loaded)
@@ -74,31 +82,41 @@ def bwd(h, x, dli, static):
         d = io.load_tile(d_smem)
         for i in range(n):
             dh_smem[i] = jnp.sum(io.load_tile(x_smem.at[i]) * d, axis=1)
-            # dx[i] replaces x[i] in place: each thread rewrites the elements it loaded.
-            x_smem[i] = (io.across(io.load_row(h_smem.at[i]), bc) * d).astype(x_smem.dtype)
+            if with_dx:  # dx[i] replaces x[i] in place: each thread rewrites what it loaded
+                x_smem[i] = (io.across(io.load_row(h_smem.at[i]), bc) * d).astype(x_smem.dtype)
         plgpu.commit_smem()
-        for i in range(n):
-            plgpu.copy_smem_to_gmem(x_smem.at[i], dx_ref.at[rows, i, cols])
+        if with_dx:
+            for i in range(n):
+                plgpu.copy_smem_to_gmem(x_smem.at[i], dx_ref.at[rows, i, cols])
         plgpu.copy_smem_to_gmem(dh_smem, dh_ref.at[lax.axis_index("c"), :, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    dx, dh_parts = plgpu.kernel(
+    dh_type = jax.ShapeDtypeStruct((c // bc, n, io.padded_tokens(t)), F32)
+    outs = plgpu.kernel(
         body,
-        out_type=(
-            jax.ShapeDtypeStruct(x.shape, x.dtype),
-            jax.ShapeDtypeStruct((c // bc, n, io.padded_tokens(t)), F32),
-        ),
+        out_type=(jax.ShapeDtypeStruct(x.shape, x.dtype), dh_type) if with_dx else (dh_type,),
         scratch_types=[
             plgpu.SMEM((n, io.BT), F32),
             plgpu.SMEM((n, io.BT, bc), x.dtype),
             plgpu.SMEM((io.BT, bc), dli.dtype),
             plgpu.SMEM((n, io.BT), F32),
-            plgpu.Barrier(num_arrivals=n + 2),
+            plgpu.Barrier(num_arrivals=n + 1 + with_dx),
         ],
         interpret=io.interpret_params(static.interpret),
         **_grid(t, c, bc),
-    )(io.coeffs_in(h), x, dli)
-    return dx, io.coeffs_out(jnp.sum(dh_parts, axis=0), t)
+    )(*((io.coeffs_in(h),) if with_dx else ()), x, dli)
+    dh = io.coeffs_out(jnp.sum(outs[-1], axis=0), t)
+    return (outs[0] if with_dx else None), dh
+
+
+def bwd(h, x, dli, static):
+    """(dx (T, n, C) in x.dtype, dh_pre (T, n) fp32) for the cotangent dli (T, C)."""
+    return _bwd_call(h, x, dli, static)
+
+
+def weight_grad(x, dli, static):
+    """dh_pre[t, i] = <x[t, i], dli[t]> alone: (T, n) fp32 (the fused mapping's pre)."""
+    return _bwd_call(None, x, dli, static)[1]
 
 
 apply_pre = io.aligned(pre_op(fwd, bwd))
