@@ -61,7 +61,9 @@ class ModelConfig:
       dtype: activation dtype ("bfloat16" for mixed precision).
       param_dtype: parameter (master weight) dtype.
       impl: mHC implementation: "auto" (Pallas kernels on GPU/TPU, else XLA) |
-        "xla" | "pallas" | "pallas_interpret".
+        "xla" | "pallas" | "pallas_interpret" | "mosaic_gpu" | "mosaic_gpu_interpret"
+        (the Pallas Mosaic GPU kernels, in development: 16-bit dtype, d_model a
+        multiple of 64).
       attention: "auto" (cuDNN flash attention on GPUs with 16-bit activations,
         else XLA) | "xla" | "cudnn" (see ``layers.attention_impl``).
       rope_base: RoPE frequency base.
@@ -138,6 +140,16 @@ class ModelConfig:
             self.activation_dtype.itemsize != 2 or self.d_model // self.num_heads > 128
         ):
             fail("attention", "'xla' or 'auto' unless dtype is 16-bit and d_model/num_heads <= 128")
+        if (
+            self.impl.startswith("mosaic_gpu")
+            and self.connection == "mhc"
+            and (self.activation_dtype.itemsize != 2 or self.d_model % 64)
+        ):
+            fail(
+                "impl",
+                "'auto', 'xla' or 'pallas' unless dtype is 16-bit and d_model a multiple "
+                "of 64 (the Mosaic GPU kernels)",
+            )
         if self.connection == "residual" and self.n != 1:
             fail("n", "1 when connection='residual' (use 'hc' or 'mhc' for n > 1)")
         for field in ("mhc_norm_eps", "norm_eps", "init_std", "rope_base"):

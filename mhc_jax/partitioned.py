@@ -65,10 +65,16 @@ def resolve_impl(impl: str, n: int) -> str:
                 f"{kernels_api.MAX_STREAMS} streams, so mHC with n={n} runs on the XLA path"
             )
         return "pallas" if native and fits else "xla"
-    if impl.startswith("pallas") and not fits:
+    if impl != "xla" and not fits:
         raise ValueError(
             f"model.impl={impl!r} is invalid for n={n}: the Pallas kernels support 1 <= n <= "
             f"{kernels_api.MAX_STREAMS} streams; use 'auto' (XLA for larger n) or 'xla'"
+        )
+    if impl == "mosaic_gpu" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"model.impl='mosaic_gpu' is invalid on the {jax.default_backend()!r} backend: "
+            "the Mosaic GPU kernels need an NVIDIA Hopper GPU; use 'auto', 'xla' or "
+            "'mosaic_gpu_interpret'"
         )
     if impl == "pallas" and not native:
         raise ValueError(
@@ -80,7 +86,8 @@ def resolve_impl(impl: str, n: int) -> str:
 
 def mhc_ops(impl: str, n: int) -> Ops:
     """Ops of ``impl`` for n streams (``resolve_impl``): "xla" (pure jnp), "pallas" /
-    "pallas_interpret" (kernels; the mapping and pre are then one fused kernel)."""
+    "pallas_interpret" / "mosaic_gpu" / "mosaic_gpu_interpret" (kernels; the mapping
+    and pre are then one fused op)."""
     impl = resolve_impl(impl, n)
     if impl == "xla":
         return Ops(

@@ -19,18 +19,28 @@ def loss_and_grads(cfg, params, tokens):
     return float(loss), grads
 
 
+PLATFORM = jax.default_backend()
+
+
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_pallas_interpret_model_matches_xla(dtype, tol):
     # fp32 matmuls at full precision: on a GPU they default to TF32 (about 1e-4 apart here)
     with jax.default_matmul_precision("highest"):
-        _pallas_interpret_model_matches_xla(dtype, tol)
+        _kernel_model_matches_xla("pallas_interpret", dtype, tol)
 
 
-def _pallas_interpret_model_matches_xla(dtype, tol):
+@pytest.mark.skipif(PLATFORM == "tpu", reason="the Mosaic GPU kernels: GPU or CPU interpreter")
+def test_mosaic_gpu_model_matches_xla():
+    """The Mosaic GPU kernels (compiled on a GPU, interpreted on a CPU host) in the model."""
+    impl = "mosaic_gpu" if PLATFORM == "gpu" else "mosaic_gpu_interpret"
+    _kernel_model_matches_xla(impl, "bfloat16", 2e-2)
+
+
+def _kernel_model_matches_xla(impl, dtype, tol):
     base = dict(vocab_size=64, num_blocks=1, d_model=64, num_heads=2, d_ff=64, n=4, dtype=dtype)
     base["mhc_init"] = "uniform"  # non-trivial coefficients from the start
     xla_cfg = ModelConfig(connection="mhc", impl="xla", **base)
-    pallas_cfg = ModelConfig(connection="mhc", impl="pallas_interpret", **base)
+    pallas_cfg = ModelConfig(connection="mhc", impl=impl, **base)
     params = init_params(xla_cfg, jax.random.key(0))
     # random phi so the mapping is input-dependent
     params = jax.tree_util.tree_map_with_path(

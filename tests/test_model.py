@@ -192,6 +192,14 @@ def test_param_counts():
         (dict(impl="cuda"), r"ModelConfig.impl='cuda' is invalid"),
         (dict(attention="flash"), r"ModelConfig.attention='flash' is invalid"),
         (dict(attention="cudnn"), r"ModelConfig.attention='cudnn' is invalid: .*16-bit"),
+        (
+            dict(connection="mhc", impl="mosaic_gpu", dtype="bfloat16", d_model=96, num_heads=2),
+            r"ModelConfig.impl='mosaic_gpu' is invalid: .*d_model a multiple of 64",
+        ),
+        (
+            dict(connection="mhc", impl="mosaic_gpu_interpret", dtype="float32"),
+            r"ModelConfig.impl='mosaic_gpu_interpret' is invalid: .*16-bit",
+        ),
         (dict(num_blocks=-1), r"ModelConfig.num_blocks=-1 is invalid"),
         (dict(mhc_norm_eps=0.0), r"ModelConfig.mhc_norm_eps=0.0 is invalid: must be > 0"),
     ],

@@ -51,6 +51,8 @@ def test_auto_follows_the_backend():
         ("pallas_interpret", 9, r"model.impl='pallas_interpret' is invalid for n=9"),
         ("pallas", 4, r"model.impl='pallas' is invalid on the 'cpu' backend"),
         ("triton", 4, r"model.impl='triton' is invalid: must be one of"),
+        ("mosaic_gpu", 4, r"model.impl='mosaic_gpu' is invalid on the 'cpu' backend"),
+        ("mosaic_gpu_interpret", 9, r"model.impl='mosaic_gpu_interpret' is invalid for n=9"),
     ],
 )
 def test_explicit_kernels_fail_loudly(impl, n, match, monkeypatch):

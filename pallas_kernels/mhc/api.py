@@ -7,6 +7,9 @@
   * ``"pallas_interpret"``: the same kernels run by the Pallas interpreter on
     any backend; the Mosaic TPU kernels when the default backend is a TPU,
     the Triton ones otherwise. For tests and debugging.
+  * ``"mosaic_gpu"``: the Pallas Mosaic GPU kernels (Hopper; ``*_mosaic.py``), in
+    development: they raise ``UnsupportedInput`` for shapes they do not take.
+  * ``"mosaic_gpu_interpret"``: those run by the Mosaic GPU interpreter (CPU hosts).
 
 Streams x (..., n, C) may have any leading dims (flattened to T tokens) and a
 bf16, fp16 or fp32 dtype; coefficients are fp32. Every op is differentiable;
@@ -22,23 +25,27 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mhc import (
+    mapping_mosaic,
     mapping_tpu,
     mapping_triton,
+    post_res_mosaic,
     post_res_tpu,
     post_res_triton,
+    pre_mosaic,
     pre_tpu,
     pre_triton,
     reference,
 )
 from pallas_kernels.mhc._common import Static
 
-IMPLS = ("xla", "pallas", "pallas_interpret")
+IMPLS = ("xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 STREAM_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MAX_STREAMS = 8  # the mapping kernels keep n*n Sinkhorn entries per token in registers
 NATIVE_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 _BACKENDS = {
     "triton": (mapping_triton, pre_triton, post_res_triton),
     "tpu": (mapping_tpu, pre_tpu, post_res_tpu),
+    "mosaic_gpu": (mapping_mosaic, pre_mosaic, post_res_mosaic),
 }
 
 
@@ -49,6 +56,13 @@ def _kernels(impl: str, fn: str) -> tuple[tuple[ModuleType, ...], bool] | None:
     if impl == "xla":
         return None
     platform = jax.default_backend()
+    if impl.startswith("mosaic_gpu"):
+        if impl == "mosaic_gpu" and platform != "gpu":
+            raise ValueError(
+                f"{fn}: impl='mosaic_gpu' needs a GPU backend, got {platform!r}; "
+                "use impl='mosaic_gpu_interpret' or impl='xla'"
+            )
+        return _BACKENDS["mosaic_gpu"], impl == "mosaic_gpu_interpret"
     if impl == "pallas" and platform not in NATIVE_PLATFORMS:
         raise ValueError(
             f"{fn}: impl='pallas' needs a GPU or TPU backend, got {platform!r}; "
