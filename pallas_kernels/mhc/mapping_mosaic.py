@@ -1,12 +1,13 @@
 """mHC mapping kernels (SPEC §7.1), Pallas Mosaic GPU backend (Hopper), version 0.
 
-Forward: a projection kernel, gridded over (64-token block, column span), loops over
-its span in 64-column chunks: TMA brings the x chunk and the phi^T chunks (16-bit hi
-and lo parts) into swizzled shared memory, wgmma accumulates ``x @ phi`` in fp32 and
-the same x tile gives ``sum(x**2)``; each block leaves its span's partials (lane K
-holds the sum of squares). The coefficient epilogue (RMS, sigmoids, exact Sinkhorn,
-``_coeffs``) runs in XLA on the (T, kp) partial sums, which are n*C/kp times smaller
-than x; with the pre, ``pre_mosaic`` then reads x again for ``layer_input``.
+Forward: a projection kernel, gridded over (64-token block, column span), pipelines
+its span in 64-column chunks (``emit_pipeline``, STAGES chunks in flight): TMA brings
+the x chunk and the phi^T chunks (16-bit hi and lo parts) into swizzled shared
+memory, wgmma accumulates ``x @ phi`` in fp32 and the same x tile gives
+``sum(x**2)``; each block leaves its span's partials (lane K holds the sum of
+squares). The coefficient epilogue (RMS, sigmoids, exact Sinkhorn, ``_coeffs``) runs
+in XLA on the (T, kp) partial sums, which are n*C/kp times smaller than x; with the
+pre, ``pre_mosaic`` then reads x again for ``layer_input``.
 
 Backward: the epilogue's VJP in XLA gives ``dy = d(x @ phi)`` and the RMS
 coefficient c_x; a dx kernel, gridded over (token block, column block), computes
@@ -34,6 +35,7 @@ from pallas_kernels.mhc._common import dot_tn, mapping_op, split
 F32 = jnp.float32
 CHUNK = 64  # columns per wgmma step: one 128-byte swizzle row of 16-bit values
 SPANS = (2048, 1024, 512, 256, 128, 64)  # columns per projection block, widest dividing n*C
+STAGES = 3  # chunks in flight in the projection's pipeline
 DX_MIN_LANES = 64
 
 
@@ -63,28 +65,30 @@ def proj(x2, parts, *, n, static):
     span = next(s for s in SPANS if nc % s == 0)
     spans = nc // span
 
+    tiles = _swizzled(CHUNK)
+
     def body(x_ref, *refs):
-        phi_refs, out_ref = refs[: len(parts)], refs[len(parts)]
-        x_smem, phi_smem, out_smem, loaded = refs[len(parts) + 1 :]
-        rows = pl.ds(lax.axis_index("t") * io.BT, io.BT)
-        s = lax.axis_index("s")
+        phi_refs, out_ref, out_smem = refs[: len(parts)], refs[len(parts)], refs[len(parts) + 1]
+        rows, s = pl.ds(lax.axis_index("t") * io.BT, io.BT), lax.axis_index("s")
+        cols = pl.ds(s * span, span)
 
         def scope(acc_ref):
-            def chunk(j, sumsq):
-                cols = pl.ds(s * span + j * CHUNK, CHUNK)
-                plgpu.commit_smem()  # every thread is done with the previous chunk's tiles
-                plgpu.copy_gmem_to_smem(x_ref.at[rows, cols], x_smem, loaded)
-                for p, ref in enumerate(phi_refs):
-                    plgpu.copy_gmem_to_smem(ref.at[:, cols], phi_smem.at[p], loaded)
-                plgpu.barrier_wait(loaded)
-                for p in range(len(parts)):
-                    plgpu.wgmma(acc_ref, x_smem, phi_smem.at[p].T)
+            def step(_, x_smem, *rest):
+                *phi_smem, sumsq = rest
+                for p in phi_smem:
+                    plgpu.wgmma(acc_ref, x_smem, p.T)
                 xf = io.load_tile(x_smem)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(0)  # the pipeline may refill the tiles once this returns
                 return sumsq + jnp.sum(xf * xf, axis=1)
 
-            zero = plgpu.layout_cast(jnp.zeros((io.BT,), F32), io.ROW)
-            sumsq = lax.fori_loop(0, span // CHUNK, chunk, zero)
+            sumsq = plgpu.emit_pipeline(
+                step,
+                grid=(span // CHUNK,),
+                in_specs=[plgpu.BlockSpec((io.BT, CHUNK), lambda j: (0, j), transforms=tiles)]
+                + [plgpu.BlockSpec((kp, CHUNK), lambda j: (0, j), transforms=tiles)] * len(parts),
+                max_concurrent_steps=STAGES,
+                init_carry=plgpu.layout_cast(jnp.zeros((io.BT,), F32), io.ROW),
+            )(x_ref.at[rows, cols], *(ref.at[:, cols] for ref in phi_refs))
             lane = plgpu.broadcasted_iota(jnp.int32, (io.BT, kp), 1, layout=io.TILE)
             out_smem[...] = jnp.where(lane == k, io.across(sumsq, kp), acc_ref[...])
 
@@ -96,12 +100,7 @@ def proj(x2, parts, *, n, static):
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((spans, t, kp), F32),
-        scratch_types=[
-            plgpu.SMEM((io.BT, CHUNK), x2.dtype, transforms=_swizzled(CHUNK)),
-            plgpu.SMEM((len(parts), kp, CHUNK), x2.dtype, transforms=_swizzled(CHUNK)),
-            plgpu.SMEM((io.BT, kp), F32),
-            plgpu.Barrier(num_arrivals=1 + len(parts)),
-        ],
+        scratch_types=[plgpu.SMEM((io.BT, kp), F32)],
         grid=(pl.cdiv(t, io.BT), spans),
         grid_names=("t", "s"),
         interpret=io.interpret_params(static.interpret),
