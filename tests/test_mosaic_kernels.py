@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(
     f"not on {PLATFORM}",
 )
 STATIC = Static(interpret=PLATFORM == "cpu")
-# (n, C, dtype): every n the kernels take, column blocks of 256 down to 32 (C = 96 and
+# (n, C, dtype): every n the kernels take, column blocks of 128 down to 32 (C = 96 and
 # fp32 at n = 8 take the 32-column tiles), both stream dtypes.
 SHAPES = [(1, 64, F32), (2, 256, BF16), (3, 96, F32), (4, 128, BF16), (8, 64, F32)]
 
@@ -185,6 +185,14 @@ def test_unsupported_widths_raise_a_typed_error():
         pre_mosaic.apply_pre(h_pre, x, STATIC)
     with pytest.raises(_mosaic_io.UnsupportedInput, match=r"apply_post_res: C=40"):
         post_res_mosaic.apply_post_res(h_res, h_post, x, f, STATIC)
+
+
+def test_token_counts_past_the_grid_limit_raise_a_typed_error():
+    t = _mosaic_io.MAX_TOKENS + 8
+    x = jax.ShapeDtypeStruct((t, 2, 64), BF16)
+    h = jax.ShapeDtypeStruct((t, 2), F32)
+    with pytest.raises(_mosaic_io.UnsupportedInput, match=rf"T={t} tokens"):
+        jax.eval_shape(lambda h, x: pre_mosaic.apply_pre(h, x, STATIC), h, x)
 
 
 def test_column_blocks_fit_the_shared_memory_budgets():

@@ -18,7 +18,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 F32 = jnp.float32
 BT = 64
 TOKEN_ALIGN = 8  # TMA into tiled shared memory needs T a multiple of the 8-row tiling
-COLUMN_BLOCKS = (256, 128, 64, 32)
+# 128 at most: a (64, 256) fp32 tile is 128 registers per thread, and the kernels keep
+# two or three live, which would spill.
+COLUMN_BLOCKS = (128, 64, 32)
+MAX_TOKENS = 65535 * BT  # token blocks run on CUDA grid y, at most 65535 of them
 # Shared memory a kernel may fill with tiles: first about half of the 227 KiB a Hopper
 # block can take, so two blocks share an SM and one's loads hide the other's math;
 # failing that (fp32 streams at n = 8), most of it for one block per SM.
@@ -53,11 +56,16 @@ def column_block(name: str, c: int, tiles: int, itemsize: int) -> int:
 def aligned(op):
     """``op`` on arrays whose leading token axis is zero-padded to a multiple of
     TOKEN_ALIGN, its output sliced back. Padding copies the streams, so only a T that
-    is not a multiple of 8 pays for it."""
+    is not a multiple of 8 pays for it. T over MAX_TOKENS is an UnsupportedInput."""
 
     def call(*args):
         *arrays, static = args
         t = arrays[0].shape[0]
+        if t > MAX_TOKENS:
+            raise UnsupportedInput(
+                f"T={t} tokens: the Mosaic GPU kernels take at most {MAX_TOKENS} per call "
+                f"(65535 blocks of {BT}); use impl='xla' or the Triton kernels"
+            )
         pad = -t % TOKEN_ALIGN
         if pad:
             arrays = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]

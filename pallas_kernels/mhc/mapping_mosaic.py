@@ -205,12 +205,14 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     """(dx2 (T, n*C) in x2.dtype, dphi^T (1, kp, n*C) fp32)."""
     t, kp = dy.shape
     k = _coeffs.width(n)
-    bc = io.column_block("mhc mapping backward", c, 5, x2.dtype.itemsize)
-    bc = min(bc, 128)
-    dys = split(dy, x2.dtype)  # lane K (c_x) meets phi^T's zero row K
+    # lane K holds c_x, passed on its own: zeroed here, it cannot overflow an fp16 split
+    dys = split(jnp.where(jnp.arange(kp) == k, 0.0, dy), x2.dtype)
     # wgmma's A operand (dy) needs rows of at least 64 lanes to lay out (narrower ones
     # fail layout inference): pad dy and phi^T's hi part with zero lanes / rows.
     kd = max(kp, DX_MIN_LANES)
+    # shared memory in (64, bc) tiles: x, dli, dx_in, dx, then dy (2 x 64 x kd) and
+    # phi^T (kd x bc), at most 3 kd / 64 more for bc >= 64
+    bc = io.column_block("mhc mapping backward", c, 4 + 3 * kd // 64, x2.dtype.itemsize)
     dys_dx = [jnp.pad(d, ((0, 0), (0, kd - kp))) for d in dys]
     phi_dx = jnp.pad(parts[0], ((0, kd - kp), (0, 0)))
     call = _dx_call(

@@ -87,8 +87,8 @@ def bwd(h_res, h_post, x, f, dxn, static):
             plgpu.copy_gmem_to_smem(x_ref.at[rows, j, cols], x_smem.at[j], bar)
             plgpu.copy_gmem_to_smem(d_ref.at[rows, j, cols], d_smem.at[j], bar)
         plgpu.barrier_wait(bar)
-        # dx[j] and df replace x[j] and f in place once read: each thread rewrites only
-        # the tile elements it loaded itself.
+        # dx[j] and df replace x[j] and f in place once read: Mosaic GPU puts a warpgroup
+        # barrier around every shared-memory store, so no thread still reads them.
         # (operand tile, coefficient rows, gradient rows, row of i = 0, row step in i)
         operands = [(x_smem.at[j], hr_smem, dhr_smem, j, n) for j in range(n)]
         for src, h_smem, dh_smem, k0, step in [*operands, (f_smem, hp_smem, dhp_smem, 0, 1)]:

@@ -82,7 +82,7 @@ def _bwd_call(h, x, dli, static):
         d = io.load_tile(d_smem)
         for i in range(n):
             dh_smem[i] = jnp.sum(io.load_tile(x_smem.at[i]) * d, axis=1)
-            if with_dx:  # dx[i] replaces x[i] in place: each thread rewrites what it loaded
+            if with_dx:  # dx[i] replaces x[i]: stores are fenced by warpgroup barriers
                 x_smem[i] = (io.across(io.load_row(h_smem.at[i]), bc) * d).astype(x_smem.dtype)
         plgpu.commit_smem()
         if with_dx:
