@@ -12,8 +12,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments", "benchmarks"))
 
+import copy_ceiling  # noqa: E402
 import scaling  # noqa: E402
 import step_overhead  # noqa: E402
+
+
+def test_copy_ceiling_is_the_best_form_at_every_size():
+    rates = copy_ceiling.measure(sizes_mib=(1, 2), reps=2)
+    forms = {"xla neg bf16", "xla neg f32", "xla add u32 (bf16 pairs)"}
+    assert {f"{f} @ {m} MiB" for f in forms for m in (1, 2)} <= set(rates)
+    assert all(r > 0 for r in rates.values())
+    form, rate = copy_ceiling.ceiling(rates)
+    assert rate == max(rates.values()) and rates[form] == rate
 
 
 def test_floor_bytes_per_token():

@@ -15,4 +15,4 @@ timeout "${3:-300}" python3 experiments/benchmarks/kernels.py --tokens 8192 3276
   --hidden 1280 4096 > "$out/kernels.log" 2>&1
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
 grep -E " passed| failed" "$out/tests.log" | tail -1
-grep -E "copy bandwidth|^ +T |pre |post-res " "$out/kernels.log"
+grep -E "copy ceiling|^ +T |mapping|pre |post-res |connection" "$out/kernels.log"

@@ -4,13 +4,15 @@
         [--hidden 1280 2560 4096] [--streams 4] [--reps 25]
 
 For each (T, C) with bf16 streams and n streams it times, for impl "xla" (the
-library's broadcast-multiply jnp), "pallas" (api) and, on a GPU, "mosaic" (the Mosaic
-GPU kernels), each op's forward and
-forward+backward, the mHC connection forward+backward (mapping fused with pre,
+library's broadcast-multiply jnp), "pallas" (api) and, on a GPU, "mosaic" (the
+Mosaic GPU kernels), each op's forward and forward+backward, the mHC connection
+forward+backward (mapping fused with pre,
 then post-res; f and the cotangents of layer_input and x_next are inputs), and a
 plain residual add forward+backward (the floor), plus a device copy for the
-bandwidth ceiling. Passes: 3 warm-up calls, then ``--reps`` timed samples, each
-the mean of 4 back-to-back calls between device syncs; the median is printed.
+bandwidth ceiling (``copy_ceiling``: the best of several copy forms and sizes, and
+torch's ``copy_`` where torch and CUDA exist). Passes: 3 warm-up calls, then
+``--reps`` timed samples, each the mean of 4 back-to-back calls between device syncs;
+the median is printed, with the compile time of each jitted case.
 
 Bytes are the compulsory traffic: every input read once and every output written
 once (bf16 streams, fp32 coefficients, phi once); a kernel that re-reads x moves
@@ -30,6 +32,7 @@ import functools
 import statistics
 import time
 
+import copy_ceiling
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,10 +59,10 @@ def timeit(fn, *args, reps: int) -> float:
 
 
 def copy_bandwidth(reps: int) -> float:
-    """Bytes/s of an elementwise device copy (read + write) of 2 GiB of bf16."""
-    a = jax.random.normal(jax.random.key(0), (2**30,), BF16)
-    seconds = timeit(jax.jit(lambda v: -v), a, reps=reps)
-    return 2 * a.nbytes / seconds
+    """The copy ceiling (``copy_ceiling``: the best of several copy forms), printed."""
+    form, rate = copy_ceiling.ceiling(copy_ceiling.measure(reps=reps))
+    print(f"copy ceiling (read + write): {rate / 1e9:.0f} GB/s ({form})")
+    return rate
 
 
 def make_inputs(t: int, n: int, c: int):
@@ -176,9 +179,8 @@ def bench(args) -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}; n = {args.streams}, bf16 streams")
     copy_bw = copy_bandwidth(args.reps)
-    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
     header = f"{'T':>6} {'C':>5} {'op':22s} {'impl':7s} {'ms':>8} {'GB':>6} {'GB/s':>6} "
-    print(header + f"{'copy':>5} {'xla/impl':>10}")
+    print(header + f"{'copy':>5} {'xla/impl':>10} {'compile s':>9}")
     for t in args.tokens:
         for c in args.hidden:
             d = make_inputs(t, args.streams, c)
@@ -189,21 +191,25 @@ def bench(args) -> None:
             for impl in ("xla", "pallas", *(["mosaic"] if device.platform == "gpu" else [])):
                 for name, (fn, a, nbytes) in cases(impl, d, t, args.streams, c).items():
                     try:
-                        sec = timeit(jax.jit(fn), *a, reps=args.reps)
+                        t0 = time.perf_counter()
+                        compiled = jax.jit(fn).lower(*a).compile()
+                        compile_s = time.perf_counter() - t0
+                        sec = timeit(compiled, *a, reps=args.reps)
                     except Exception as err:  # report and go on: one size must not sink the run
                         print(f"{t:6d} {c:5d} {name:22s} {impl:7s} FAILED {err!r:.300}")
                         continue
                     times[name, impl] = sec
                     ratio = times.get((name, "xla"), float("nan")) / sec if impl != "xla" else ""
-                    _row(t, c, name, impl, sec, nbytes, copy_bw, ratio)
+                    _row(t, c, name, impl, sec, nbytes, copy_bw, ratio, compile_s)
             del d
 
 
-def _row(t, c, name, impl, sec, nbytes, copy_bw, ratio):
+def _row(t, c, name, impl, sec, nbytes, copy_bw, ratio, compile_s=None):
     ratio = f"{ratio:10.2f}" if isinstance(ratio, float) else f"{ratio:>10}"
+    compiled = "" if compile_s is None else f" {compile_s:9.2f}"
     print(
         f"{t:6d} {c:5d} {name:22s} {impl:7s} {sec * 1e3:8.3f} {nbytes / 1e9:6.2f} "
-        f"{nbytes / sec / 1e9:6.0f} {nbytes / sec / copy_bw:5.2f} {ratio}",
+        f"{nbytes / sec / 1e9:6.0f} {nbytes / sec / copy_bw:5.2f} {ratio}{compiled}",
         flush=True,
     )
 
@@ -297,7 +303,7 @@ def kernel_table(d: dict, t: int, n: int, c: int):
 def breakdown(args) -> None:
     """Times every Triton kernel of the connection alone (default blocks)."""
     copy_bw = copy_bandwidth(args.reps)
-    print(f"per-kernel, {jax.devices()[0].device_kind}, copy {copy_bw / 1e9:.0f} GB/s")
+    print(f"per-kernel, {jax.devices()[0].device_kind}")
     for t in args.tokens:
         for c in args.hidden:
             table = kernel_table(make_inputs(t, args.streams, c), t, args.streams, c)
