@@ -29,7 +29,10 @@ def test_pallas_interpret_model_matches_xla(dtype, tol):
         _kernel_model_matches_xla("pallas_interpret", dtype, tol)
 
 
-@pytest.mark.skipif(PLATFORM == "tpu", reason="the Mosaic GPU kernels: GPU or CPU interpreter")
+@pytest.mark.skipif(
+    PLATFORM == "tpu",
+    reason="the Mosaic GPU kernels run on a GPU or in the interpreter on a CPU host",
+)
 def test_mosaic_gpu_model_matches_xla():
     """The Mosaic GPU kernels (compiled on a GPU, interpreted on a CPU host) in the model."""
     impl = "mosaic_gpu" if PLATFORM == "gpu" else "mosaic_gpu_interpret"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 F32 = jnp.float32
@@ -94,6 +96,11 @@ def coeffs_out(h_t: jax.Array, t: int) -> jax.Array:
 def interpret_params(interpret: bool):
     """``plgpu.kernel``'s ``interpret``: the GPU interpreter, with race detection."""
     return plgpu.InterpretGPUParams(detect_races=True) if interpret else None
+
+
+def block_slices(bc: int) -> tuple:
+    """(rows, cols) of this block's tile in a kernel gridded over ("t", "c") blocks."""
+    return pl.ds(lax.axis_index("t") * BT, BT), pl.ds(lax.axis_index("c") * bc, bc)
 
 
 def load_row(ref) -> jax.Array:

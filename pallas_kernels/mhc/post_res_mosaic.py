@@ -28,18 +28,27 @@ def _blocks(name: str, t: int, n: int, c: int, itemsize: int) -> tuple[int, dict
     return bc, dict(grid=(pl.cdiv(t, io.BT), c // bc), grid_names=("t", "c"))
 
 
+def _load(n, rows, cols, bar, refs, smems) -> None:
+    """TMA of this block's h_res and h_post rows, f tile and n stream tiles (n + 3
+    arrivals on ``bar``)."""
+    (hr_ref, hp_ref, x_ref, f_ref), (hr_smem, hp_smem, x_smem, f_smem) = refs, smems
+    plgpu.copy_gmem_to_smem(hr_ref.at[:, rows], hr_smem, bar)
+    plgpu.copy_gmem_to_smem(hp_ref.at[:, rows], hp_smem, bar)
+    plgpu.copy_gmem_to_smem(f_ref.at[rows, cols], f_smem, bar)
+    for j in range(n):
+        plgpu.copy_gmem_to_smem(x_ref.at[rows, j, cols], x_smem.at[j], bar)
+
+
 def fwd(h_res, h_post, x, f, static):
     """x_next (T, n, C) in x.dtype."""
     t, n, c = x.shape
     bc, grid = _blocks("apply_post_res", t, n, c, x.dtype.itemsize)
 
     def body(hr_ref, hp_ref, x_ref, f_ref, o_ref, hr_smem, hp_smem, x_smem, f_smem, o_smem, bar):
-        rows, cols = pl.ds(lax.axis_index("t") * io.BT, io.BT), pl.ds(lax.axis_index("c") * bc, bc)
-        plgpu.copy_gmem_to_smem(hr_ref.at[:, rows], hr_smem, bar)
-        plgpu.copy_gmem_to_smem(hp_ref.at[:, rows], hp_smem, bar)
-        plgpu.copy_gmem_to_smem(f_ref.at[rows, cols], f_smem, bar)
-        for j in range(n):
-            plgpu.copy_gmem_to_smem(x_ref.at[rows, j, cols], x_smem.at[j], bar)
+        rows, cols = io.block_slices(bc)
+        _load(
+            n, rows, cols, bar, (hr_ref, hp_ref, x_ref, f_ref), (hr_smem, hp_smem, x_smem, f_smem)
+        )
         plgpu.barrier_wait(bar)
         for i in range(n):
             acc = io.across(io.load_row(hp_smem.at[i]), bc) * io.load_tile(f_smem)
@@ -79,12 +88,11 @@ def bwd(h_res, h_post, x, f, dxn, static):
         dx_ref, df_ref, dhr_ref, dhp_ref,  # outputs
         hr_smem, hp_smem, x_smem, f_smem, d_smem, dhr_smem, dhp_smem, bar,  # scratch
     ):  # fmt: skip
-        rows, cols = pl.ds(lax.axis_index("t") * io.BT, io.BT), pl.ds(lax.axis_index("c") * bc, bc)
-        plgpu.copy_gmem_to_smem(hr_ref.at[:, rows], hr_smem, bar)
-        plgpu.copy_gmem_to_smem(hp_ref.at[:, rows], hp_smem, bar)
-        plgpu.copy_gmem_to_smem(f_ref.at[rows, cols], f_smem, bar)
+        rows, cols = io.block_slices(bc)
+        _load(
+            n, rows, cols, bar, (hr_ref, hp_ref, x_ref, f_ref), (hr_smem, hp_smem, x_smem, f_smem)
+        )
         for j in range(n):
-            plgpu.copy_gmem_to_smem(x_ref.at[rows, j, cols], x_smem.at[j], bar)
             plgpu.copy_gmem_to_smem(d_ref.at[rows, j, cols], d_smem.at[j], bar)
         plgpu.barrier_wait(bar)
         # dx[j] and df replace x[j] and f in place once read: Mosaic GPU puts a warpgroup

@@ -33,7 +33,7 @@ def fwd(h, x, static):
     bc = io.column_block("apply_pre", c, n + 1, x.dtype.itemsize)
 
     def body(h_ref, x_ref, o_ref, h_smem, x_smem, o_smem, loaded):
-        rows, cols = pl.ds(lax.axis_index("t") * io.BT, io.BT), pl.ds(lax.axis_index("c") * bc, bc)
+        rows, cols = io.block_slices(bc)
         plgpu.copy_gmem_to_smem(h_ref.at[:, rows], h_smem, loaded)
         for i in range(n):
             plgpu.copy_gmem_to_smem(x_ref.at[rows, i, cols], x_smem.at[i], loaded)
@@ -72,7 +72,7 @@ def _bwd_call(h, x, dli, static):
         )
         dx_ref, refs = (refs[0], refs[1:]) if with_dx else (None, refs)
         dh_ref, h_smem, x_smem, d_smem, dh_smem, loaded = refs
-        rows, cols = pl.ds(lax.axis_index("t") * io.BT, io.BT), pl.ds(lax.axis_index("c") * bc, bc)
+        rows, cols = io.block_slices(bc)
         if with_dx:
             plgpu.copy_gmem_to_smem(h_ref.at[:, rows], h_smem, loaded)
         plgpu.copy_gmem_to_smem(d_ref.at[rows, cols], d_smem, loaded)
