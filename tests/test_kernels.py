@@ -138,6 +138,22 @@ def test_interpreter_poisons_unwritten_outputs():
     assert np.all(np.isnan(np.asarray(out[8:]))) and np.all(np.asarray(out[:8]) == 1)
 
 
+@pytest.mark.parametrize("dtype", [BF16, jnp.float16])
+def test_split_keeps_sixteen_bits_when_compiled(dtype):
+    """phi's hi + lo parts carry about 16 mantissa bits on this backend, compiled: on a
+    GPU, XLA folded the old fp32 -> 16-bit -> fp32 round trip, so lo came out zero."""
+    from pallas_kernels.mhc._common import split
+
+    a = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, 4096), F32)  # normal in fp16
+    hi, lo = jax.jit(lambda a: split(a, dtype))(a)
+    assert hi.dtype == lo.dtype == dtype
+    err = np.abs(np.asarray(hi, np.float64) + np.asarray(lo, np.float64) - np.asarray(a))
+    assert np.max(err / np.asarray(a)) <= 2.0**-16
+    assert np.max(np.abs(np.asarray(hi, np.float64) - np.asarray(a)) / np.asarray(a)) <= 2.0 ** -(
+        jnp.finfo(dtype).nmant + 1
+    )
+
+
 MAP_CASES = [
     (1, 200, BF16, True),
     (2, 512, BF16, False),

@@ -19,7 +19,16 @@ import numpy as np
 import pytest
 from test_kernels import TOL, _rel, _rng, _value_and_grads
 
-from pallas_kernels.mhc import _mosaic_io, mapping_mosaic, post_res_mosaic, pre_mosaic, reference
+from pallas_kernels.mhc import (
+    _coeffs,
+    _mosaic_io,
+    _token_epilogue,
+    epilogue_mosaic,
+    mapping_mosaic,
+    post_res_mosaic,
+    pre_mosaic,
+    reference,
+)
 from pallas_kernels.mhc._common import Static
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -128,6 +137,62 @@ def test_mapping_matches_reference(n, c, with_pre, tied):
         assert _rel(g, w) <= MAPPING_TOL[g.dtype]
 
 
+def _epilogue_inputs(rng, n, t):
+    k = _coeffs.width(n)
+    kp = _coeffs.packed_width(n, "mosaic_gpu")
+    partials = rng.standard_normal((k + 1, t)) * 3  # logits up to ~10: peaked Sinkhorns
+    partials[k] = rng.uniform(10, 100, t)
+    bias, alpha = rng.standard_normal(k), rng.uniform(0.5, 1.5, 3)
+    info = _coeffs.column_info(n, kp, jnp.asarray(bias, F32), jnp.asarray(alpha, F32))
+    dcoef = jnp.asarray(rng.standard_normal((k, t)), F32)
+    return jnp.asarray(partials, F32), info, dcoef
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_token_epilogue_matches_packed_rows(n):
+    """``_token_epilogue`` (one array per coefficient) is ``_coeffs``' math."""
+    t, k = 37, _coeffs.width(n)
+    partials, info, dcoef = _epilogue_inputs(_rng("token", n), n, t)
+    kp = info.shape[1]
+    rows = _coeffs.load_info(lambda r: info[r : r + 1], lambda w: jnp.arange(w)[None], n)
+    acc = jnp.pad(partials[:k].T, ((0, 0), (0, kp - k)))
+    kw = dict(n=n, nc=n * 64, num_iters=20)
+    coef, saved = _coeffs.forward_epilogue(acc, partials[k][:, None], rows, norm_eps=1e-6, **kw)
+    dy, dt, _ = _coeffs.backward_epilogue(
+        saved, jnp.pad(dcoef.T, ((0, 0), (0, kp - k))), rows, **kw
+    )
+    bias, alpha = list(info[0, :k]), list(info[1, :k])
+    got, raw, r = _token_epilogue.forward(
+        list(partials[:k]), partials[k], bias, alpha, norm_eps=1e-6, **kw
+    )
+    got_dy, c_x, got_dt = _token_epilogue.backward(raw, r, list(dcoef), bias, alpha, **kw)
+    assert _rel(jnp.stack(got, 1), coef[:, :k]) <= 1e-6
+    assert _rel(jnp.stack([*got_dy, c_x], 1), dy[:, : k + 1]) <= 2e-6
+    assert _rel(jnp.stack(got_dt, 1), dt[:, :k]) <= 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_epilogue_kernels_match_xla(n):
+    """The epilogue kernels against the same math in XLA, over two token blocks and a
+    partial third (T = 264)."""
+    partials, info, dcoef = _epilogue_inputs(_rng("epilogue", n), n, 264)
+    consts, kw = epilogue_mosaic.constants(info, n), dict(n=n, nc=n * 64)
+    coef, saved = jax.jit(lambda p, c: epilogue_mosaic.forward(p, c, static=STATIC, **kw))(
+        partials, consts
+    )
+    assert not _races_recorded()
+    grads = jax.jit(lambda s, d, c: epilogue_mosaic.backward(s, d, c, static=STATIC, **kw))(
+        saved, dcoef, consts
+    )
+    assert not _races_recorded()
+    xla_fwd, xla_bwd = mapping_mosaic.xla_epilogue()
+    want = xla_fwd(partials, consts, static=STATIC, **kw)
+    want_grads = xla_bwd(want[1], dcoef, consts, static=STATIC, **kw)
+    for g, w in zip((coef, saved, *grads), (*want, *want_grads), strict=True):
+        assert g.shape == w.shape
+        assert _rel(g, w) <= 1e-6
+
+
 def test_mapping_takes_16_bit_streams_and_whole_chunks():
     x, phi, bias, alpha = _mapping_inputs(_rng("mapping", "bad"), 4, 64)
     with pytest.raises(_mosaic_io.UnsupportedInput, match=r"float32 streams"):
@@ -143,6 +208,17 @@ def test_backward_is_bitwise_repeatable(op):
     pick, kernel, _ = OPS[op]
     args = pick(*_inputs(_rng("repeat", op), 4, 128, BF16))
     first, second = _value_and_grads(kernel, args, _rng("cot", "repeat", op), repeat=2)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mapping_backward_is_bitwise_repeatable():
+    args = _mapping_inputs(_rng("repeat", "mapping"), 4, 128)
+
+    def kernel(*a):
+        return mapping_mosaic.mapping(*a, STATIC, True, True)
+
+    first, second = _value_and_grads(kernel, args, _rng("cot", "repeat", "mapping"), repeat=2)
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -238,8 +314,10 @@ def test_kernels_lower_for_cuda(op, n, dtype, lowered_text):
 
 @pytest.mark.parametrize("n", [pytest.param(4, marks=pytest.mark.smoke), 8])
 def test_mapping_lowers_for_cuda(n, lowered_text):
-    """Forward: the projection and the pre; backward adds the pre's weight gradient
-    and the dx kernel (the coefficient epilogue and dphi are XLA)."""
+    """Forward: the projection, the coefficient epilogue (XLA past its MAX_STREAMS) and
+    the pre; backward adds the epilogue's VJP, the pre's weight gradient and the dx
+    kernel (dphi is an XLA matmul)."""
+    epilogue = n <= epilogue_mosaic.MAX_STREAMS
     args = _mapping_inputs(_rng("lower", n), n, 2048)
     compiled = Static(interpret=False)
 
@@ -250,6 +328,6 @@ def test_mapping_lowers_for_cuda(n, lowered_text):
         return sum(jnp.sum(o.astype(F32)) for o in fwd(*a))
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    for fn, calls in ((fwd, 2), (grad, 4)):
+    for fn, calls in ((fwd, 2 + epilogue), (grad, 4 + 2 * epilogue)):
         text = lowered_text(fn, *args, platform="cuda")
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls

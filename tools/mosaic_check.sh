@@ -2,6 +2,7 @@
 # The Mosaic GPU kernels natively (see experiments/results/mosaic_gpu/NOTES.md): their
 # tests, then kernels.py's api timings (xla, Triton and Mosaic rows) at the notes' sizes.
 # usage: tools/mosaic_check.sh OUT_DIR [TEST_SECONDS] [BENCH_SECONDS]
+# TESTS (pytest targets) and BENCH_ARGS (kernels.py arguments) override the defaults.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: $0 OUT_DIR [TEST_SECONDS] [BENCH_SECONDS]}
@@ -9,10 +10,12 @@ mkdir -p "$out"
 tools/gpu_install.sh "$out/pip.log" || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 timeout "${2:-200}" python3 -m pytest -v -p no:cacheprovider -rfEs --tb=short \
-  --durations=10 tests/test_mosaic_kernels.py > "$out/tests.log" 2>&1
+  --durations=10 ${TESTS:-tests/test_mosaic_kernels.py} > "$out/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$out/tests.log"
-timeout "${3:-300}" python3 experiments/benchmarks/kernels.py --tokens 8192 32768 \
-  --hidden 1280 4096 > "$out/kernels.log" 2>&1
+# ptxas -v for every Mosaic kernel compiled by the benchmark: registers and spills.
+MOSAIC_GPU_DUMP_PTXAS=1 timeout "${3:-300}" python3 experiments/benchmarks/kernels.py \
+  ${BENCH_ARGS:---tokens 8192 32768 --hidden 1280 4096} > "$out/kernels.log" 2>&1
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
 grep -E " passed| failed" "$out/tests.log" | tail -1
+grep -ciE "[1-9][0-9]* bytes spill" "$out/kernels.log" | sed 's/^/ptxas lines with spills: /'
 grep -E "copy ceiling|^ +T |mapping|pre |post-res |connection" "$out/kernels.log"

@@ -178,6 +178,9 @@ def residual(d: dict, t: int, c: int):
 def bench(args) -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}; n = {args.streams}, bf16 streams")
+    impls = args.impls or ("xla", "pallas", *(["mosaic"] if device.platform == "gpu" else []))
+    if "mosaic" in impls and device.platform != "gpu":
+        raise SystemExit(f"--impls mosaic needs a GPU, this device is {device.platform}")
     copy_bw = copy_bandwidth(args.reps)
     header = f"{'T':>6} {'C':>5} {'op':22s} {'impl':7s} {'ms':>8} {'GB':>6} {'GB/s':>6} "
     print(header + f"{'copy':>5} {'xla/impl':>10} {'compile s':>9}")
@@ -188,8 +191,10 @@ def bench(args) -> None:
             sec = timeit(jax.jit(fn), *a, reps=args.reps)
             _row(t, c, "residual add fwd+bwd", "xla", sec, nbytes, copy_bw, "")
             times = {}
-            for impl in ("xla", "pallas", *(["mosaic"] if device.platform == "gpu" else [])):
+            for impl in impls:
                 for name, (fn, a, nbytes) in cases(impl, d, t, args.streams, c).items():
+                    if args.ops and not any(name.startswith(o) for o in args.ops):
+                        continue
                     try:
                         t0 = time.perf_counter()
                         compiled = jax.jit(fn).lower(*a).compile()
@@ -387,6 +392,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[1280, 2560, 4096])
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument(
+        "--impls", nargs="+", choices=("xla", "pallas", "mosaic"), help="api mode: rows (all)."
+    )
+    parser.add_argument(
+        "--ops", nargs="+", default=[], help="api mode: ops whose names start so (all)."
+    )
     parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
     parser.add_argument(
         "--sweep", nargs="*", choices=list(SWEEP), default=[], help="Kernels to sweep (all)."

@@ -35,8 +35,13 @@ def split(a: jax.Array, dtype) -> tuple[jax.Array, ...]:
     """fp32 value -> (a,) for fp32 work, else (hi, lo) in the 16-bit dtype."""
     if jnp.dtype(dtype) == F32:
         return (a.astype(F32),)
-    hi = a.astype(dtype)
-    return hi, (a - hi.astype(F32)).astype(dtype)
+    # hi = a rounded to the 16-bit type's mantissa on its bits (add half an ulp, clear
+    # the rest), not by an fp32 -> 16-bit -> fp32 round trip: XLA on GPU allows excess
+    # precision by default and folds that round trip away, which left lo = 0.
+    drop = 23 - jnp.finfo(dtype).nmant
+    bits = lax.bitcast_convert_type(a.astype(F32), jnp.uint32) + jnp.uint32(1 << (drop - 1))
+    hi = lax.bitcast_convert_type(bits & jnp.uint32((0xFFFFFFFF >> drop) << drop), F32)
+    return hi.astype(dtype), (a - hi).astype(dtype)
 
 
 def _dot(a, b, contract):

@@ -5,11 +5,12 @@ its span in 64-column chunks (``emit_pipeline``, STAGES chunks in flight): TMA b
 the x chunk and the phi^T chunks (16-bit hi and lo parts) into swizzled shared
 memory, wgmma accumulates ``x @ phi`` in fp32 and the same x tile gives
 ``sum(x**2)``; each block leaves its span's partials (lane K holds the sum of
-squares). The coefficient epilogue (RMS, sigmoids, exact Sinkhorn, ``_coeffs``) runs
-in XLA on the (T, kp) partial sums, which are n*C/kp times smaller than x; with the
-pre, ``pre_mosaic`` then reads x again for ``layer_input``.
+squares). XLA sums the spans' partials (fixed order) into (K + 1, T) rows, and
+``epilogue_mosaic``'s kernel turns them into the coefficients (RMS, sigmoids, exact
+Sinkhorn; one token per thread); with the pre, ``pre_mosaic`` then reads x again
+for ``layer_input``.
 
-Backward: the epilogue's VJP in XLA gives ``dy = d(x @ phi)`` and the RMS
+Backward: the epilogue's VJP kernel gives ``dy = d(x @ phi)`` and the RMS
 coefficient c_x; a dx kernel, gridded over (token block, column block), computes
 ``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ dx_in)`` with wgmma (dy's hi and lo parts
 times phi's hi part), and one XLA matmul gives ``dphi^T = dy^T x``.
@@ -28,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mhc import _coeffs, pre_mosaic
+from pallas_kernels.mhc import _coeffs, _token_epilogue, epilogue_mosaic, pre_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
 from pallas_kernels.mhc._common import dot_tn, mapping_op, split
 
@@ -107,25 +108,65 @@ def proj(x2, parts, *, n, static):
     )(x2, *parts)
 
 
-def _info(info, n):
-    return _coeffs.load_info(lambda r: info[r : r + 1], lambda w: jnp.arange(w)[None, :], n)
+def _packed(rows_t, kp):
+    """(r, T) coefficient rows -> (T, kp), zero lanes from r on."""
+    return jnp.pad(rows_t.T, ((0, 0), (0, kp - rows_t.shape[0])))
+
+
+def xla_epilogue():
+    """``epilogue_mosaic``'s forward and backward as XLA ops, for n past its
+    MAX_STREAMS (and as its test reference): the same math, as a loop of small GPU
+    kernels per Sinkhorn run (~0.5 ms forward and ~3 ms backward at n = 4, any T)."""
+
+    def forward(partials_t, consts, *, n, nc, static):
+        k = _coeffs.width(n)
+        coef, raw, r = _token_epilogue.forward(
+            list(partials_t[:k]),
+            partials_t[k],
+            list(consts[:k, 0]),
+            list(consts[k:, 0]),
+            n=n,
+            nc=nc,
+            num_iters=static.num_iters,
+            norm_eps=static.norm_eps,
+        )
+        return jnp.stack(coef), jnp.stack([*raw, r])
+
+    def backward(saved_t, dcoef_t, consts, *, n, nc, static):
+        k = _coeffs.width(n)
+        dy, c_x, dt = _token_epilogue.backward(
+            list(saved_t[:k]),
+            saved_t[k],
+            list(dcoef_t),
+            list(consts[:k, 0]),
+            list(consts[k:, 0]),
+            n=n,
+            nc=nc,
+            num_iters=static.num_iters,
+        )
+        return jnp.stack([*dy, c_x]), jnp.stack(dt), jnp.stack(dt) * saved_t[:k]
+
+    return forward, backward
+
+
+def _epilogue(n):
+    if n > epilogue_mosaic.MAX_STREAMS:
+        return xla_epilogue()
+    return epilogue_mosaic.forward, epilogue_mosaic.backward
 
 
 def fwd(x2, parts, info, *, n, c, static, with_pre):
-    """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype."""
+    """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype.
+
+    saved holds raw = (x @ phi) / r on lanes < K and r on lane K."""
     _check(x2, c)
     partials = jnp.sum(proj(x2, parts, n=n, static=static), axis=0)  # a fixed order
-    k = _coeffs.width(n)
-    lanes = jnp.arange(partials.shape[1])
-    coef, saved = _coeffs.forward_epilogue(
-        jnp.where(lanes == k, 0.0, partials),
-        partials[:, k : k + 1],
-        _info(info, n),
-        n=n,
-        nc=n * c,
-        num_iters=static.num_iters,
-        norm_eps=static.norm_eps,
+    k, kp = _coeffs.width(n), partials.shape[1]
+    forward, _ = _epilogue(n)
+    coef_t, saved_t = forward(
+        partials[:, : k + 1].T, epilogue_mosaic.constants(info, n), n=n, nc=n * c, static=static
     )
+    coef, saved = _packed(coef_t, kp), _packed(saved_t, kp)
     li = None
     if with_pre:
         li = pre_mosaic.fwd(coef[:, :n], x2.reshape(x2.shape[0], n, c), static)
@@ -133,11 +174,19 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
 
 
 def coef_bwd(saved, dcoef, info, *, n, c, static):
-    """(dy (T, kp), dt and dt*raw sums (1, kp)), all fp32: the epilogue's VJP in XLA."""
-    dy, dt, dtraw = _coeffs.backward_epilogue(
-        saved, dcoef, _info(info, n), n=n, nc=n * c, num_iters=static.num_iters
+    """(dy (T, kp) with c_x on lane K, and the token sums of dt and dt*raw (1, kp)), fp32."""
+    k, kp = _coeffs.width(n), saved.shape[1]
+    _, backward = _epilogue(n)
+    dy_t, dt_t, dtraw_t = backward(
+        saved[:, : k + 1].T,
+        dcoef[:, :k].T,
+        epilogue_mosaic.constants(info, n),
+        n=n,
+        nc=n * c,
+        static=static,
     )
-    return dy, jnp.sum(dt, 0, keepdims=True), jnp.sum(dtraw, 0, keepdims=True)
+    sums = (jnp.pad(jnp.sum(a, 1), (0, kp - k))[None] for a in (dt_t, dtraw_t))
+    return (_packed(dy_t, kp), *sums)
 
 
 def _dx_call(t, n, c, kp, dtype, bc, with_pre, with_dx_in, interpret):
