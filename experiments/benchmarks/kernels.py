@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/kernels.py [--mode api|kernels|sweep] [--tokens 8192 32768]
         [--hidden 1280 2560 4096] [--streams 4] [--reps 25]
+        [--impls xla pallas mosaic] [--ops mapping connection ...]
 
 For each (T, C) with bf16 streams and n streams it times, for impl "xla" (the
 library's broadcast-multiply jnp), "pallas" (api) and, on a GPU, "mosaic" (the
@@ -12,7 +13,8 @@ plain residual add forward+backward (the floor), plus a device copy for the
 bandwidth ceiling (``copy_ceiling``: the best of several copy forms and sizes, and
 torch's ``copy_`` where torch and CUDA exist). Passes: 3 warm-up calls, then
 ``--reps`` timed samples, each the mean of 4 back-to-back calls between device syncs;
-the median is printed, with the compile time of each jitted case.
+the median is printed, with the compile time of each jitted case. ``--impls`` and
+``--ops`` (name prefixes) restrict the api rows.
 
 Bytes are the compulsory traffic: every input read once and every output written
 once (bf16 streams, fp32 coefficients, phi once); a kernel that re-reads x moves

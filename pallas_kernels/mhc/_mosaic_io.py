@@ -32,6 +32,12 @@ TILE = plgpu.Layout.WGMMA  # (BT, bc) tiles in registers
 ROW = plgpu.Layout.WGMMA.reduce(1)  # (BT,) per-token values, broadcast along columns
 
 
+# Lane-level lowering: every value's layout is given, so Mosaic GPU's layout inference
+# (most of the lowering time: 28 of 29 s for one kernel, minutes for some) is skipped.
+# It needs stream tiles in swizzled shared memory (``tile_smem``).
+LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 class UnsupportedInput(ValueError):
     """The Mosaic GPU kernels do not take this input; the message says why and what does."""
 
@@ -101,6 +107,22 @@ def interpret_params(interpret: bool):
 def block_slices(bc: int) -> tuple:
     """(rows, cols) of this block's tile in a kernel gridded over ("t", "c") blocks."""
     return pl.ds(lax.axis_index("t") * BT, BT), pl.ds(lax.axis_index("c") * bc, bc)
+
+
+def tile_smem(shape: tuple, dtype) -> plgpu.SMEM:
+    """Shared memory for (..., BT, bc) stream tiles: tiled and swizzled along bc (the
+    widest swizzle a bc-wide row fills), so that WGMMA-layout loads and stores are
+    free of bank conflicts; TMA copies lay tiles out so."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = min(128, shape[-1] * itemsize)
+    return plgpu.SMEM(
+        shape,
+        dtype,
+        transforms=(
+            plgpu.TilingTransform((8, swizzle // itemsize)),
+            plgpu.SwizzleTransform(swizzle),
+        ),
+    )
 
 
 def load_row(ref) -> jax.Array:

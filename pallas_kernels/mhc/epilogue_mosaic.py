@@ -26,10 +26,6 @@ from pallas_kernels.mhc import _mosaic_io as io
 F32 = jnp.float32
 BTE = 128  # tokens per block: one per thread of a warpgroup
 ROWS = plgpu.Layout.WG_STRIDED((BTE,), vec_size=1)
-# Its n*n Sinkhorn entries make the kernels' code grow as n^2: at n = 8 lowering the
-# forward alone took 66 s on a 2-core host and the backward's shared memory (562 rows
-# of BTE fp32) overflows; past this the mapping runs the same math in XLA.
-MAX_STREAMS = 4
 
 
 def constants(info: jax.Array, n: int) -> jax.Array:
@@ -39,53 +35,59 @@ def constants(info: jax.Array, n: int) -> jax.Array:
     return jnp.broadcast_to(info[:2, :k].reshape(2 * k, 1), (2 * k, BTE))
 
 
-def _call(math, rows_in: tuple[int, ...], rows_out: tuple[int, ...], t: int, interpret: bool):
-    """A kernel running ``math(*input row lists, bias, alpha) -> output row lists``.
+def _run(math, rows_out: tuple[int, ...], *args, interpret: bool):
+    """Runs ``math(*input row lists, bias, alpha) -> output row lists`` per token block.
 
-    Its arguments: (r, T) fp32 arrays with the r of rows_in, then ``constants``; its
-    outputs (r, T) fp32 with the r of rows_out.
+    args: (r, T) fp32 arrays, then ``constants``. Returns (r, T) fp32 arrays with the
+    r of rows_out; output i is at most as tall as argument i, whose shared-memory
+    buffer it reuses (the backward at n = 8 would not fit in separate ones).
     """
-    n_in, n_out = len(rows_in), len(rows_out)
+    t = args[0].shape[1]
+    if len(rows_out) > len(args) or any(r > a.shape[0] for r, a in zip(rows_out, args)):
+        raise ValueError(
+            f"epilogue kernel: outputs of {rows_out} rows for inputs of "
+            f"{[a.shape[0] for a in args]}"
+        )
 
     def body(*refs):
-        ins, outs = refs[: n_in + 1], refs[n_in + 1 : n_in + 1 + n_out]
-        in_smem = refs[n_in + 1 + n_out : 2 * n_in + 2 + n_out]
-        out_smem, loaded = refs[2 * n_in + 2 + n_out : -1], refs[-1]
+        ins, outs = refs[: len(args)], refs[len(args) : len(args) + len(rows_out)]
+        smem, loaded = refs[len(args) + len(rows_out) : -1], refs[-1]
         cols = pl.ds(lax.axis_index("t") * BTE, BTE)
-        for ref, smem in zip(ins[:-1], in_smem[:-1]):
-            plgpu.copy_gmem_to_smem(ref.at[:, cols], smem, loaded)
-        plgpu.copy_gmem_to_smem(ins[-1], in_smem[-1], loaded)
+        for ref, buf in zip(ins[:-1], smem[:-1]):
+            plgpu.copy_gmem_to_smem(ref.at[:, cols], buf, loaded)
+        plgpu.copy_gmem_to_smem(ins[-1], smem[-1], loaded)
         plgpu.barrier_wait(loaded)
 
-        def rows(smem):
-            return [plgpu.load(smem.at[r], layout=ROWS) for r in range(smem.shape[0])]
+        def rows(buf):
+            return [plgpu.load(buf.at[r], layout=ROWS) for r in range(buf.shape[0])]
 
-        consts = rows(in_smem[-1])
-        k = len(consts) // 2
-        results = math(*(rows(smem) for smem in in_smem[:-1]), consts[:k], consts[k:])
-        for smem, values in zip(out_smem, results, strict=True):
-            for r, v in enumerate(values):
-                smem[r] = v
+        values = [rows(buf) for buf in smem]  # every load before any store (see below)
+        k = len(values[-1]) // 2
+        results = math(*values[:-1], values[-1][:k], values[-1][k:])
+        # Output i overwrites input i's buffer: in this layout each thread reads and
+        # writes only its own token's column, and it has loaded every input above.
+        for buf, result in zip(smem, results):
+            for r, v in enumerate(result):
+                buf[r] = v
         plgpu.commit_smem()
-        for ref, smem in zip(outs, out_smem):
-            plgpu.copy_smem_to_gmem(smem, ref.at[:, cols])
+        for ref, buf, r in zip(outs, smem, rows_out):
+            plgpu.copy_smem_to_gmem(buf.at[:r], ref.at[:, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    def call(*args):
-        return plgpu.kernel(
-            body,
-            out_type=tuple(jax.ShapeDtypeStruct((r, t), F32) for r in rows_out),
-            scratch_types=[
-                *(plgpu.SMEM((a.shape[0], BTE), F32) for a in args),
-                *(plgpu.SMEM((r, BTE), F32) for r in rows_out),
-                plgpu.Barrier(num_arrivals=n_in + 1),
-            ],
-            grid=(pl.cdiv(t, BTE),),
-            grid_names=("t",),
-            interpret=io.interpret_params(interpret),
-        )(*args)
-
-    return call
+    return plgpu.kernel(
+        body,
+        out_type=tuple(jax.ShapeDtypeStruct((r, t), F32) for r in rows_out),
+        scratch_types=[
+            *(plgpu.SMEM((a.shape[0], BTE), F32) for a in args),
+            plgpu.Barrier(num_arrivals=len(args)),
+        ],
+        grid=(pl.cdiv(t, BTE),),
+        grid_names=("t",),
+        # every value has the one row layout: lane-level lowering skips layout
+        # inference, which took 28 of the 29 s of lowering the backward at n = 4
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=io.interpret_params(interpret),
+    )(*args)
 
 
 def forward(partials_t, consts, *, n: int, nc: int, static):
@@ -98,7 +100,7 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
     Returns:
       coef_t (K, T) [h_pre | h_post | h_res] and saved_t (K + 1, T) [raw | r], fp32.
     """
-    k, t = _coeffs.width(n), partials_t.shape[1]
+    k = _coeffs.width(n)
 
     def math(p, bias, alpha):
         coef, raw, r = _token_epilogue.forward(
@@ -113,14 +115,14 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
         )
         return coef, [*raw, r]
 
-    return _call(math, (k + 1,), (k, k + 1), t, static.interpret)(partials_t, consts)
+    return _run(math, (k, k + 1), partials_t, consts, interpret=static.interpret)
 
 
 def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
     """The VJP of ``forward``: saved_t (K + 1, T) and the coefficients' cotangents
     dcoef_t (K, T) -> dy_t (K + 1, T) [d(x @ phi) | c_x], dt_t and (dt * raw)_t (K, T),
     fp32 (see ``_token_epilogue.backward``)."""
-    k, t = _coeffs.width(n), saved_t.shape[1]
+    k = _coeffs.width(n)
 
     def math(saved, dcoef, bias, alpha):
         dy, c_x, dt = _token_epilogue.backward(
@@ -128,4 +130,4 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
         )
         return [*dy, c_x], dt, [d * v for d, v in zip(dt, saved[:k])]
 
-    return _call(math, (k + 1, k), (k + 1, k, k), t, static.interpret)(saved_t, dcoef_t, consts)
+    return _run(math, (k + 1, k, k), saved_t, dcoef_t, consts, interpret=static.interpret)

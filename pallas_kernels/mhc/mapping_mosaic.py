@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mhc import _coeffs, _token_epilogue, epilogue_mosaic, pre_mosaic
+from pallas_kernels.mhc import _coeffs, epilogue_mosaic, pre_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
 from pallas_kernels.mhc._common import dot_tn, mapping_op, split
 
@@ -113,48 +113,6 @@ def _packed(rows_t, kp):
     return jnp.pad(rows_t.T, ((0, 0), (0, kp - rows_t.shape[0])))
 
 
-def xla_epilogue():
-    """``epilogue_mosaic``'s forward and backward as XLA ops, for n past its
-    MAX_STREAMS (and as its test reference): the same math, as a loop of small GPU
-    kernels per Sinkhorn run (~0.5 ms forward and ~3 ms backward at n = 4, any T)."""
-
-    def forward(partials_t, consts, *, n, nc, static):
-        k = _coeffs.width(n)
-        coef, raw, r = _token_epilogue.forward(
-            list(partials_t[:k]),
-            partials_t[k],
-            list(consts[:k, 0]),
-            list(consts[k:, 0]),
-            n=n,
-            nc=nc,
-            num_iters=static.num_iters,
-            norm_eps=static.norm_eps,
-        )
-        return jnp.stack(coef), jnp.stack([*raw, r])
-
-    def backward(saved_t, dcoef_t, consts, *, n, nc, static):
-        k = _coeffs.width(n)
-        dy, c_x, dt = _token_epilogue.backward(
-            list(saved_t[:k]),
-            saved_t[k],
-            list(dcoef_t),
-            list(consts[:k, 0]),
-            list(consts[k:, 0]),
-            n=n,
-            nc=nc,
-            num_iters=static.num_iters,
-        )
-        return jnp.stack([*dy, c_x]), jnp.stack(dt), jnp.stack(dt) * saved_t[:k]
-
-    return forward, backward
-
-
-def _epilogue(n):
-    if n > epilogue_mosaic.MAX_STREAMS:
-        return xla_epilogue()
-    return epilogue_mosaic.forward, epilogue_mosaic.backward
-
-
 def fwd(x2, parts, info, *, n, c, static, with_pre):
     """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype.
 
@@ -162,8 +120,7 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
     _check(x2, c)
     partials = jnp.sum(proj(x2, parts, n=n, static=static), axis=0)  # a fixed order
     k, kp = _coeffs.width(n), partials.shape[1]
-    forward, _ = _epilogue(n)
-    coef_t, saved_t = forward(
+    coef_t, saved_t = epilogue_mosaic.forward(
         partials[:, : k + 1].T, epilogue_mosaic.constants(info, n), n=n, nc=n * c, static=static
     )
     coef, saved = _packed(coef_t, kp), _packed(saved_t, kp)
@@ -176,8 +133,7 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
 def coef_bwd(saved, dcoef, info, *, n, c, static):
     """(dy (T, kp) with c_x on lane K, and the token sums of dt and dt*raw (1, kp)), fp32."""
     k, kp = _coeffs.width(n), saved.shape[1]
-    _, backward = _epilogue(n)
-    dy_t, dt_t, dtraw_t = backward(
+    dy_t, dt_t, dtraw_t = epilogue_mosaic.backward(
         saved[:, : k + 1].T,
         dcoef[:, :k].T,
         epilogue_mosaic.constants(info, n),

@@ -68,11 +68,12 @@ def fwd(h_res, h_post, x, f, static):
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
-            plgpu.SMEM((n, io.BT, bc), x.dtype),
-            plgpu.SMEM((io.BT, bc), f.dtype),
-            plgpu.SMEM((n, io.BT, bc), x.dtype),
+            io.tile_smem((n, io.BT, bc), x.dtype),
+            io.tile_smem((io.BT, bc), f.dtype),
+            io.tile_smem((n, io.BT, bc), x.dtype),
             plgpu.Barrier(num_arrivals=n + 3),
         ],
+        compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
         **grid,
     )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f)
@@ -129,13 +130,14 @@ def bwd(h_res, h_post, x, f, dxn, static):
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
-            plgpu.SMEM((n, io.BT, bc), x.dtype),
-            plgpu.SMEM((io.BT, bc), f.dtype),
-            plgpu.SMEM((n, io.BT, bc), dxn.dtype),
+            io.tile_smem((n, io.BT, bc), x.dtype),
+            io.tile_smem((io.BT, bc), f.dtype),
+            io.tile_smem((n, io.BT, bc), dxn.dtype),
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
             plgpu.Barrier(num_arrivals=2 * n + 3),
         ],
+        compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
         **grid,
     )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f, dxn)

@@ -51,10 +51,11 @@ def fwd(h, x, static):
         out_type=jax.ShapeDtypeStruct((t, c), x.dtype),
         scratch_types=[
             plgpu.SMEM((n, io.BT), F32),
-            plgpu.SMEM((n, io.BT, bc), x.dtype),
-            plgpu.SMEM((io.BT, bc), x.dtype),
+            io.tile_smem((n, io.BT, bc), x.dtype),
+            io.tile_smem((io.BT, bc), x.dtype),
             plgpu.Barrier(num_arrivals=n + 1),
         ],
+        compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
         **_grid(t, c, bc),
     )(io.coeffs_in(h), x)
@@ -97,11 +98,12 @@ def _bwd_call(h, x, dli, static):
         out_type=(jax.ShapeDtypeStruct(x.shape, x.dtype), dh_type) if with_dx else (dh_type,),
         scratch_types=[
             plgpu.SMEM((n, io.BT), F32),
-            plgpu.SMEM((n, io.BT, bc), x.dtype),
-            plgpu.SMEM((io.BT, bc), dli.dtype),
+            io.tile_smem((n, io.BT, bc), x.dtype),
+            io.tile_smem((io.BT, bc), dli.dtype),
             plgpu.SMEM((n, io.BT), F32),
             plgpu.Barrier(num_arrivals=n + 1 + with_dx),
         ],
+        compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
         **_grid(t, c, bc),
     )(*((io.coeffs_in(h),) if with_dx else ()), x, dli)
