@@ -140,8 +140,9 @@ def test_interpreter_poisons_unwritten_outputs():
 
 @pytest.mark.parametrize("dtype", [BF16, jnp.float16])
 def test_split_keeps_sixteen_bits_when_compiled(dtype):
-    """phi's hi + lo parts carry about 16 mantissa bits on this backend, compiled: on a
-    GPU, XLA folded the old fp32 -> 16-bit -> fp32 round trip, so lo came out zero."""
+    """phi's hi + lo parts carry about 16 mantissa bits on this backend, compiled (on a
+    GPU, XLA folded the old fp32 -> 16-bit -> fp32 round trip, so lo came out zero: a
+    native run catches that), and non-finite values stay themselves in hi."""
     from pallas_kernels.mhc._common import split
 
     a = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, 4096), F32)  # normal in fp16
@@ -152,6 +153,16 @@ def test_split_keeps_sixteen_bits_when_compiled(dtype):
     assert np.max(np.abs(np.asarray(hi, np.float64) - np.asarray(a)) / np.asarray(a)) <= 2.0 ** -(
         jnp.finfo(dtype).nmant + 1
     )
+    tiny = 1e-6 if dtype == jnp.float16 else 1e-30  # fp16: below its smallest normal
+    odd = jnp.asarray([np.inf, -np.inf, tiny, -0.0], F32)
+    nans = jax.lax.bitcast_convert_type(jnp.asarray([0x7FFFFFFF, 0xFFFFFFFF], jnp.uint32), F32)
+    hi, lo = jax.jit(lambda a: split(a, dtype))(jnp.concatenate([odd, nans]))
+    hi = np.asarray(hi, np.float32)
+    assert list(hi[:2]) == [np.inf, -np.inf] and np.all(np.isnan(hi[4:]))
+    if dtype == jnp.float16:  # all of it in lo, rounded once
+        assert hi[2] == 0 and float(lo[2]) == float(jnp.asarray(tiny, F32).astype(dtype))
+    else:
+        assert abs(float(hi[2]) + float(lo[2]) - float(odd[2])) <= 2.0**-16 * float(odd[2])
 
 
 MAP_CASES = [

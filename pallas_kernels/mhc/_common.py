@@ -38,9 +38,15 @@ def split(a: jax.Array, dtype) -> tuple[jax.Array, ...]:
     # hi = a rounded to the 16-bit type's mantissa on its bits (add half an ulp, clear
     # the rest), not by an fp32 -> 16-bit -> fp32 round trip: XLA on GPU allows excess
     # precision by default and folds that round trip away, which left lo = 0.
-    drop = 23 - jnp.finfo(dtype).nmant
-    bits = lax.bitcast_convert_type(a.astype(F32), jnp.uint32) + jnp.uint32(1 << (drop - 1))
+    # Non-finite values keep themselves (the carry of a NaN's low bits could reach the
+    # sign), and values below the type's smallest normal go whole into lo (rounding
+    # hi to a subnormal would round twice).
+    a = a.astype(F32)
+    info = jnp.finfo(dtype)
+    drop = 23 - info.nmant
+    bits = lax.bitcast_convert_type(a, jnp.uint32) + jnp.uint32(1 << (drop - 1))
     hi = lax.bitcast_convert_type(bits & jnp.uint32((0xFFFFFFFF >> drop) << drop), F32)
+    hi = jnp.where(jnp.isfinite(a), jnp.where(jnp.abs(a) < info.smallest_normal, 0.0, hi), a)
     return hi.astype(dtype), (a - hi).astype(dtype)
 
 

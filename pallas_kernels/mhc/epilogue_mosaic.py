@@ -43,6 +43,8 @@ def _run(math, rows_out: tuple[int, ...], *args, interpret: bool):
     buffer it reuses (the backward at n = 8 would not fit in separate ones).
     """
     t = args[0].shape[1]
+    if t % io.TOKEN_ALIGN:  # TMA strides must be 16-byte multiples
+        raise ValueError(f"epilogue kernel: T={t} is not a multiple of {io.TOKEN_ALIGN}")
     if len(rows_out) > len(args) or any(r > a.shape[0] for r, a in zip(rows_out, args)):
         raise ValueError(
             f"epilogue kernel: outputs of {rows_out} rows for inputs of "
@@ -65,7 +67,8 @@ def _run(math, rows_out: tuple[int, ...], *args, interpret: bool):
         k = len(values[-1]) // 2
         results = math(*values[:-1], values[-1][:k], values[-1][k:])
         # Output i overwrites input i's buffer: in this layout each thread reads and
-        # writes only its own token's column, and it has loaded every input above.
+        # writes only its own token's column, it has loaded every input above, and
+        # Mosaic GPU puts a warpgroup barrier around every shared-memory store.
         for buf, result in zip(smem, results):
             for r, v in enumerate(result):
                 buf[r] = v
