@@ -54,10 +54,17 @@ def _scale_rows(m: Rows, inv: Sequence) -> Rows:
     return [[e * i for e in row] for row, i in zip(m, inv)]
 
 
+def _step(m: Rows):
+    """One Sinkhorn iteration: columns sum to 1, then rows (rows last, SPEC §5), one
+    reciprocal per sum. Returns (result, 1 / row sums, 1 / column sums)."""
+    inv_col = [1.0 / s for s in _col_sums(m)]
+    m = _scale_cols(m, inv_col)
+    inv_row = [1.0 / s for s in _row_sums(m)]
+    return _scale_rows(m, inv_row), inv_row, inv_col
+
+
 def _iteration(m: Rows) -> Rows:
-    """Columns sum to 1, then rows (rows last, SPEC §5); one reciprocal per sum."""
-    m = _scale_cols(m, [1.0 / s for s in _col_sums(m)])
-    return _scale_rows(m, [1.0 / s for s in _row_sums(m)])
+    return _step(m)[0]
 
 
 def _iterate(m: Rows, count) -> Rows:
@@ -89,20 +96,14 @@ def _scaled_iterate(m: Rows, count: int):
     """``_iterate`` (count >= 1) plus the products u (per row) and v (per column) of
     the factors applied, so that the result is u_i * m_ij * v_j."""
 
-    def step(m):
-        inv_col = [1.0 / s for s in _col_sums(m)]
-        m = _scale_cols(m, inv_col)
-        inv_row = [1.0 / s for s in _row_sums(m)]
-        return _scale_rows(m, inv_row), inv_row, inv_col
-
     def body(_, carry):
         m, u, v = carry
-        m, inv_row, inv_col = step(m)
+        m, inv_row, inv_col = _step(m)
         return m, [a * b for a, b in zip(u, inv_row)], [a * b for a, b in zip(v, inv_col)]
 
     # the first iteration outside the loop: its factors start u and v with the
     # entries' own layout (a Mosaic GPU loop carry must keep its layout)
-    return lax.fori_loop(1, count, body, step(m))
+    return lax.fori_loop(1, count, body, _step(m))
 
 
 def _run_starts(t: Rows, runs):
