@@ -135,8 +135,9 @@ class ManifoldHyperConnection(nn.Module):
       init: "residual" (starts as a pre-norm residual network) or "uniform"
         (all biases 0).
       alpha_init: init of the three logit scales.
-      impl: "auto" (Pallas kernels on GPU and TPU, pure jnp elsewhere), "xla",
-        "pallas" or "pallas_interpret" (the kernels run by the Pallas interpreter).
+      impl: an mHC implementation (``pallas_kernels.mhc.backends``): "auto" (the
+        platform's kernels where they take the input, pure jnp elsewhere), "xla",
+        "pallas", a kernel backend or its "*_interpret" variant.
       residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
         (C split) or "sequence" (T split); read only when a mesh is active.
     """

@@ -21,7 +21,6 @@ from mhc_jax.sinkhorn import sinkhorn_knopp
 
 F32 = jnp.float32
 MHC_INITS = ("residual", "uniform")
-IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 RESIDUAL_SHARDS = ("hidden", "sequence")
 ROUND_ROBIN_EPS = 0.01  # SPEC §4: the off-stream read weight of the residual init.
 RES_DIAGONAL = 0.9  # SPEC §4: h_res diagonal at the residual init.

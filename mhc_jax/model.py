@@ -26,9 +26,10 @@ import jax.numpy as jnp
 
 from mhc_jax import remat as remat_lib
 from mhc_jax.connection_modules import HyperConnection, ManifoldHyperConnection, Residual
-from mhc_jax.connections import IMPLS, MHC_INITS, RESIDUAL_SHARDS
+from mhc_jax.connections import MHC_INITS, RESIDUAL_SHARDS
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
+from pallas_kernels.mhc.backends import IMPLS
 
 CONNECTIONS = ("residual", "hc", "mhc")
 STREAM_REDUCTIONS = ("sum", "mean", "learned")
@@ -60,10 +61,11 @@ class ModelConfig:
       tie_embeddings: LM head shares the embedding matrix.
       dtype: activation dtype ("bfloat16" for mixed precision).
       param_dtype: parameter (master weight) dtype.
-      impl: mHC implementation: "auto" (Pallas kernels on GPU/TPU, else XLA) |
-        "xla" | "pallas" | "pallas_interpret" | "mosaic_gpu" | "mosaic_gpu_interpret"
-        (the Pallas Mosaic GPU kernels, in development: 16-bit dtype, d_model a
-        multiple of 64).
+      impl: mHC implementation: "auto" (per op, the platform's fastest kernels that
+        take the input, else XLA) | "xla" | "pallas" (the platform's kernels, never
+        XLA) | one kernel backend, "mosaic_gpu" (Hopper; 16-bit dtype, d_model a
+        multiple of 64), "triton" or "tpu" | an "*_interpret" variant of those
+        (``pallas_kernels.mhc.backends``).
       attention: "auto" (cuDNN flash attention on GPUs with 16-bit activations,
         else XLA) | "xla" | "cudnn" (see ``layers.attention_impl``).
       rope_base: RoPE frequency base.

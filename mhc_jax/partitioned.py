@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from mhc_jax import connections
 from pallas_kernels.mhc import api as kernels_api
+from pallas_kernels.mhc import backends
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -50,44 +51,38 @@ def _note_once(message: str) -> None:
 
 
 def resolve_impl(impl: str, n: int) -> str:
-    """The implementation that runs for ``impl`` and n streams: "auto" takes the Pallas
-    kernels on GPU and TPU where they support n and the XLA path otherwise (saying so
-    once in the log); "pallas" on an input the kernels do not support is a ValueError
-    naming ``model.impl``, raised before anything is traced."""
-    if impl not in connections.IMPLS:
-        raise ValueError(f"model.impl={impl!r} is invalid: must be one of {connections.IMPLS}")
-    native = jax.default_backend() in kernels_api.NATIVE_PLATFORMS
+    """The implementation the model runs for ``impl`` and n streams, checked before
+    anything is traced: "xla" where no kernel can run (a CPU host under "auto", or more
+    than ``MAX_STREAMS`` streams, said once in the log), else ``impl`` itself ("auto"
+    and "pallas" then pick a kernel backend per op and input: ``backends.chain``).
+
+    Raises:
+      ValueError: naming ``model.impl``, for an unknown name, or an explicit choice
+        that this host or n cannot run.
+    """
+    if impl not in backends.IMPLS:
+        raise ValueError(f"model.impl={impl!r} is invalid: must be one of {backends.IMPLS}")
     fits = 1 <= n <= kernels_api.MAX_STREAMS
-    if impl == "auto":
-        if native and not fits:
-            _note_once(
-                f"model.impl='auto': the Pallas kernels support 1 <= n <= "
-                f"{kernels_api.MAX_STREAMS} streams, so mHC with n={n} runs on the XLA path"
-            )
-        return "pallas" if native and fits else "xla"
-    if impl != "xla" and not fits:
+    if impl not in ("auto", "xla") and not fits:
         raise ValueError(
             f"model.impl={impl!r} is invalid for n={n}: the Pallas kernels support 1 <= n <= "
             f"{kernels_api.MAX_STREAMS} streams; use 'auto' (XLA for larger n) or 'xla'"
         )
-    if impl == "mosaic_gpu" and jax.default_backend() != "gpu":
-        raise ValueError(
-            f"model.impl='mosaic_gpu' is invalid on the {jax.default_backend()!r} backend: "
-            "the Mosaic GPU kernels need an NVIDIA Hopper GPU; use 'auto', 'xla' or "
-            "'mosaic_gpu_interpret'"
+    chains = [backends.chain(impl, op, field="model.impl") for op in backends.OPS]
+    if all(c == (backends.Impl.XLA,) for c in chains):
+        return "xla"
+    if impl == "auto" and not fits:
+        _note_once(
+            f"model.impl='auto': the Pallas kernels support 1 <= n <= "
+            f"{kernels_api.MAX_STREAMS} streams, so mHC with n={n} runs on the XLA path"
         )
-    if impl == "pallas" and not native:
-        raise ValueError(
-            f"model.impl='pallas' is invalid on the {jax.default_backend()!r} backend: the "
-            "kernels need a GPU or TPU; use 'auto', 'xla' or 'pallas_interpret'"
-        )
+        return "xla"
     return impl
 
 
 def mhc_ops(impl: str, n: int) -> Ops:
-    """Ops of ``impl`` for n streams (``resolve_impl``): "xla" (pure jnp), "pallas" /
-    "pallas_interpret" / "mosaic_gpu" / "mosaic_gpu_interpret" (kernels; the mapping
-    and pre are then one fused op)."""
+    """Ops of ``impl`` for n streams (``resolve_impl``): pure jnp for "xla", else the
+    kernel api's (the mapping and pre then one fused op)."""
     impl = resolve_impl(impl, n)
     if impl == "xla":
         return Ops(
@@ -156,9 +151,10 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
       h_res (..., n, n) fp32; x_tied: x, to pass as ``post_res``'s x (with the
       Pallas kernels its cotangent then joins dx inside the mapping's backward).
     """
+    impl = resolve_impl(impl, x.shape[-2])
     ops = mhc_ops(impl, x.shape[-2])
     mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
-    if c_axis is not None and resolve_impl(impl, x.shape[-2]) != "xla":
+    if c_axis is not None and impl != "xla":
         _note_once(
             "mHC with C split over the tensor axis: the mapping runs on the XLA path (each "
             "device projects its C slice, then one psum); pre and post-res use the kernels"
@@ -180,13 +176,14 @@ def mhc_pre(x, phi, bias, alpha, *, impl, residual_shard, num_iters, norm_eps, o
             P(*tok_spec, None, None),
             x_spec,
         ),
-        check_vma=impl == "xla",  # pallas_call outputs carry no varying-axis types
+        check_vma=impl == "xla",  # kernel outputs carry no varying-axis types
     )
     return fn(x, phi, bias, alpha)
 
 
 def post_res(h_res, h_post, x, f, *, impl, residual_shard, on_mesh=True):
     """``x_next = h_res x + h_post f`` of one mHC layer (shapes as in ``mhc_pre``)."""
+    impl = resolve_impl(impl, x.shape[-2])
     ops = mhc_ops(impl, x.shape[-2])
     mesh, _, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
     if mesh is None:

@@ -18,6 +18,7 @@ from mhc_jax.model import ModelConfig
 from mhc_jax.partitioned import resolve_impl
 from mhc_jax.sharding import check_model_fits
 from mhc_jax.train import Layout, deterministic_model
+from pallas_kernels.mhc.backends import describe as describe_impl
 
 
 class Preflight(NamedTuple):
@@ -25,7 +26,7 @@ class Preflight(NamedTuple):
 
     model: ModelConfig
     layout: Layout
-    mhc_impl: str  # the mHC implementation that runs ("-" for residual and HC)
+    mhc_impl: str  # the mHC implementation that runs, as ``backends.describe`` ("-": none)
 
 
 def preflight(config: ml_collections.ConfigDict, devices=None) -> Preflight:
@@ -40,7 +41,9 @@ def preflight(config: ml_collections.ConfigDict, devices=None) -> Preflight:
     mesh = layout.mesh
     config_lib.validate(config, mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
     check_model_fits(mesh, model_cfg, config.data.seq_len, config.data.batch_size)
-    impl = resolve_impl(model_cfg.impl, model_cfg.n) if model_cfg.connection == "mhc" else "-"
+    impl = "-"
+    if model_cfg.connection == "mhc":
+        impl = describe_impl(resolve_impl(model_cfg.impl, model_cfg.n))
     return Preflight(model_cfg, layout, impl)
 
 

@@ -295,10 +295,12 @@ BAD_INPUTS = {
     "h_pre": (lambda x, h: api.apply_pre(h[:, :2], x, impl="pallas_interpret"), "h_pre must"),
     "dtype": (
         lambda x, h: api.apply_pre(h, x.astype(jnp.int32), impl="pallas_interpret"),
-        r"x.dtype must be one of .*got int32",
+        r"x.dtype in .*got int32",
     ),
     "n": (
-        lambda x, h: api.apply_pre(h[:, :1], x[:, :1].repeat(9, 1), impl="pallas_interpret"),
+        lambda x, h: api.apply_pre(
+            h[:, :1].repeat(9, 1), x[:, :1].repeat(9, 1), impl="pallas_interpret"
+        ),
         r"1 <= n <= 8 streams, got n=9",
     ),
     "phi": (
@@ -322,7 +324,7 @@ def test_api_rejects_bad_input(case):
 
 @pytest.mark.skipif(PLATFORM != "cpu", reason="checks the CPU-only error")
 def test_api_pallas_needs_an_accelerator():
-    with pytest.raises(ValueError, match="needs a GPU or TPU backend, got 'cpu'"):
+    with pytest.raises(ValueError, match="impl='pallas' is invalid on the 'cpu' backend"):
         api.apply_pre(jnp.ones((5, 4)), jnp.ones((5, 4, 64)), impl="pallas")
 
 

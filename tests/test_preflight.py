@@ -14,6 +14,7 @@ import pytest
 from mhc_jax import config as config_lib
 from mhc_jax import loop, partitioned, preflight
 from mhc_jax.model import LM, ModelConfig, init_params
+from pallas_kernels.mhc import backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +31,8 @@ def on_gpu(monkeypatch):
 
 def test_auto_takes_the_kernels_where_they_fit(on_gpu, caplog):
     with caplog.at_level(logging.WARNING):
-        assert partitioned.resolve_impl("auto", 4) == "pallas"
-        assert partitioned.resolve_impl("auto", 8) == "pallas"
+        assert partitioned.resolve_impl("auto", 4) == "auto"
+        assert partitioned.resolve_impl("auto", 8) == "auto"
         assert not caplog.records
         assert partitioned.resolve_impl("auto", 12) == "xla"
         assert partitioned.resolve_impl("auto", 12) == "xla"
@@ -41,7 +42,7 @@ def test_auto_takes_the_kernels_where_they_fit(on_gpu, caplog):
 
 def test_auto_follows_the_backend():
     native = jax.default_backend() in ("gpu", "tpu")
-    assert partitioned.resolve_impl("auto", 4) == ("pallas" if native else "xla")
+    assert partitioned.resolve_impl("auto", 4) == ("auto" if native else "xla")
 
 
 @pytest.mark.parametrize(
@@ -50,8 +51,11 @@ def test_auto_follows_the_backend():
         ("pallas", 12, r"model.impl='pallas' is invalid for n=12: .* 1 <= n <= 8"),
         ("pallas_interpret", 9, r"model.impl='pallas_interpret' is invalid for n=9"),
         ("pallas", 4, r"model.impl='pallas' is invalid on the 'cpu' backend"),
-        ("triton", 4, r"model.impl='triton' is invalid: must be one of"),
+        ("cuda", 4, r"model.impl='cuda' is invalid: must be one of"),
+        ("triton", 4, r"model.impl='triton' is invalid on the 'cpu' backend .*need a GPU"),
+        ("tpu", 4, r"model.impl='tpu' is invalid on the 'cpu' backend .*need a TPU"),
         ("mosaic_gpu", 4, r"model.impl='mosaic_gpu' is invalid on the 'cpu' backend"),
+        ("triton_interpret", 9, r"model.impl='triton_interpret' is invalid for n=9"),
         ("mosaic_gpu_interpret", 9, r"model.impl='mosaic_gpu_interpret' is invalid for n=9"),
     ],
 )
@@ -83,7 +87,7 @@ def _tiny(batch_size=8, **sharding):
 def test_preflight_checks_the_mesh_against_the_devices(cpu_devices):
     run = preflight.preflight(_tiny(data=2, fsdp=2, tensor=2), cpu_devices)
     assert dict(run.layout.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert run.mhc_impl == partitioned.resolve_impl("auto", 4)
+    assert run.mhc_impl == backends.describe(partitioned.resolve_impl("auto", 4))
     assert "data 2 x fsdp 2 x tensor 2 over 8 cpu device(s)" in preflight.describe(run)
     with pytest.raises(ValueError, match=r"the product 16 must equal the 8 devices"):
         preflight.preflight(_tiny(data=4, fsdp=2, tensor=2), cpu_devices)

@@ -2,11 +2,12 @@
 
     python experiments/benchmarks/kernels.py [--mode api|kernels|sweep] [--tokens 8192 32768]
         [--hidden 1280 2560 4096] [--streams 4] [--reps 25]
-        [--impls xla pallas mosaic] [--ops mapping connection ...]
+        [--impls xla triton mosaic_gpu auto] [--ops mapping connection ...]
 
-For each (T, C) with bf16 streams and n streams it times, for impl "xla" (the
-library's broadcast-multiply jnp), "pallas" (api) and, on a GPU, "mosaic" (the
-Mosaic GPU kernels), each op's forward and forward+backward, the mHC connection
+For each (T, C) with bf16 streams and n streams it times, for each api impl (on a
+GPU "xla", "triton", "mosaic_gpu" and "auto", which takes per op the first backend
+of ``backends``' order; on a TPU "xla" and "tpu"), each op's forward and
+forward+backward, the mHC connection
 forward+backward (mapping fused with pre,
 then post-res; f and the cotangents of layer_input and x_next are inputs), and a
 plain residual add forward+backward (the floor), plus a device copy for the
@@ -39,8 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mhc import api, blocks, mapping_mosaic, post_res_mosaic, pre_mosaic
-from pallas_kernels.mhc._common import Static
+from pallas_kernels.mhc import api, backends, blocks
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 WARMUP, BATCH = 3, 4
@@ -110,23 +110,15 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
     maps = (d["x"], d["phi"], d["bias"], d["alpha"])
 
     def mapping(*a):
-        if impl == "mosaic":
-            return mapping_mosaic.mapping(*a, Static(), False)
         return api.mhc_mappings(*a, impl=impl)
 
     def mapping_pre(*a):
-        if impl == "mosaic":
-            return mapping_mosaic.mapping(*a, Static(), True)
         return api.mhc_mappings_and_pre(*a, impl=impl)
 
     def pre(h, x):
-        if impl == "mosaic":
-            return pre_mosaic.apply_pre(h, x, Static())
         return api.apply_pre(h, x, impl=impl)
 
     def post_res(hr, hp, x, f):
-        if impl == "mosaic":
-            return post_res_mosaic.apply_post_res(hr, hp, x, f, Static())
         return api.apply_post_res(hr, hp, x, f, impl=impl)
 
     def connection(x, f, phi, bias, alpha):
@@ -180,11 +172,12 @@ def residual(d: dict, t: int, c: int):
 def bench(args) -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}; n = {args.streams}, bf16 streams")
-    impls = args.impls or ("xla", "pallas", *(["mosaic"] if device.platform == "gpu" else []))
-    if "mosaic" in impls and device.platform != "gpu":
-        raise SystemExit(f"--impls mosaic needs a GPU, this device is {device.platform}")
+    default = {"hopper": ("triton", "mosaic_gpu", "auto"), "gpu": ("triton",), "tpu": ("tpu",)}
+    impls = args.impls or ("xla", *default.get(backends.platform(), ()))
+    for impl in impls:
+        backends.chain(impl, "mapping", field="--impls")  # this device can run it
     copy_bw = copy_bandwidth(args.reps)
-    header = f"{'T':>6} {'C':>5} {'op':22s} {'impl':7s} {'ms':>8} {'GB':>6} {'GB/s':>6} "
+    header = f"{'T':>6} {'C':>5} {'op':22s} {'impl':10s} {'ms':>8} {'GB':>6} {'GB/s':>6} "
     print(header + f"{'copy':>5} {'xla/impl':>10} {'compile s':>9}")
     for t in args.tokens:
         for c in args.hidden:
@@ -203,7 +196,7 @@ def bench(args) -> None:
                         compile_s = time.perf_counter() - t0
                         sec = timeit(compiled, *a, reps=args.reps)
                     except Exception as err:  # report and go on: one size must not sink the run
-                        print(f"{t:6d} {c:5d} {name:22s} {impl:7s} FAILED {err!r:.300}")
+                        print(f"{t:6d} {c:5d} {name:22s} {impl:10s} FAILED {err!r:.300}")
                         continue
                     times[name, impl] = sec
                     ratio = times.get((name, "xla"), float("nan")) / sec if impl != "xla" else ""
@@ -215,7 +208,7 @@ def _row(t, c, name, impl, sec, nbytes, copy_bw, ratio, compile_s=None):
     ratio = f"{ratio:10.2f}" if isinstance(ratio, float) else f"{ratio:>10}"
     compiled = "" if compile_s is None else f" {compile_s:9.2f}"
     print(
-        f"{t:6d} {c:5d} {name:22s} {impl:7s} {sec * 1e3:8.3f} {nbytes / 1e9:6.2f} "
+        f"{t:6d} {c:5d} {name:22s} {impl:10s} {sec * 1e3:8.3f} {nbytes / 1e9:6.2f} "
         f"{nbytes / sec / 1e9:6.0f} {nbytes / sec / copy_bw:5.2f} {ratio}{compiled}",
         flush=True,
     )
@@ -319,7 +312,7 @@ def breakdown(args) -> None:
                     t,
                     c,
                     name,
-                    "pallas",
+                    "triton",
                     timeit(jax.jit(fn), *a, reps=args.reps),
                     nbytes,
                     copy_bw,
@@ -395,7 +388,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument(
-        "--impls", nargs="+", choices=("xla", "pallas", "mosaic"), help="api mode: rows (all)."
+        "--impls", nargs="+", choices=backends.IMPLS, help="api mode: rows (the device's)."
     )
     parser.add_argument(
         "--ops", nargs="+", default=[], help="api mode: ops whose names start so (all)."

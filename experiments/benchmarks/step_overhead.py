@@ -4,9 +4,9 @@ Every variant of a shape runs in this one process with the same batch, so the
 ratios are measured against a baseline from the same run:
 
     python experiments/benchmarks/step_overhead.py --shape=A \
-        --variants=residual:xla:none,hc:xla:none,mhc:xla:none,mhc:pallas:none,mhc:pallas:mhc_blocks
+        --variants=residual:xla:none,hc:xla:none,mhc:xla:none,mhc:auto:none,mhc:auto:mhc_blocks
     python experiments/benchmarks/step_overhead.py --shape=medium --mesh=1,1,2 \
-        --variants=mhc:pallas:none,mhc:pallas:full,mhc:pallas:save_dots,mhc:pallas:mhc_blocks
+        --variants=mhc:auto:none,mhc:auto:full,mhc:auto:save_dots,mhc:auto:mhc_blocks
 
 A variant is ``connection:impl:remat``, optionally ``:deterministic`` (XLA's
 deterministic GPU mode with XLA attention, ``training.deterministic``; a variant given twice runs
@@ -61,7 +61,7 @@ SHAPES = {
 _SHAPE = flags.DEFINE_enum("shape", "A", list(SHAPES), "Model shape.")
 _VARIANTS = flags.DEFINE_list(
     "variants",
-    "residual:xla:none,hc:xla:none,mhc:xla:none,mhc:pallas:none",
+    "residual:xla:none,hc:xla:none,mhc:xla:none,mhc:auto:none",
     "connection:impl:remat[:deterministic]",
 )
 _N = flags.DEFINE_integer("n", 4, "Streams of hc/mhc variants.")

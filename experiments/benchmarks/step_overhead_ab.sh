@@ -5,7 +5,7 @@
 set -uo pipefail
 out=${1:-/tmp}
 mkdir -p "$out"
-variants=${VARIANTS:-residual:xla:none,hc:xla:mhc_blocks,mhc:xla:none,mhc:pallas:none,mhc:pallas:mhc_blocks}
+variants=${VARIANTS:-residual:xla:none,hc:xla:mhc_blocks,mhc:xla:none,mhc:auto:none,mhc:auto:mhc_blocks}
 # Per shape: about 60 s to start plus 110 s per variant (compile, warm-up, steps) on an H100.
 count=$(($(tr -cd , <<<"$variants" | wc -c) + 1))
 shape_timeout=${SHAPE_TIMEOUT_S:-$((60 + 110 * count))}

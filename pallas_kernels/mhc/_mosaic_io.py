@@ -17,6 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mhc.backends import UnsupportedInput
+
 F32 = jnp.float32
 BT = 64
 TOKEN_ALIGN = 8  # TMA into tiled shared memory needs T a multiple of the 8-row tiling
@@ -36,10 +38,6 @@ ROW = plgpu.Layout.WGMMA.reduce(1)  # (BT,) per-token values, broadcast along co
 # (most of the lowering time: 28 of 29 s for one kernel, minutes for some) is skipped.
 # It needs stream tiles in swizzled shared memory (``tile_smem``).
 LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
-
-
-class UnsupportedInput(ValueError):
-    """The Mosaic GPU kernels do not take this input; the message says why and what does."""
 
 
 def column_block(name: str, c: int, tiles: int, itemsize: int) -> int:

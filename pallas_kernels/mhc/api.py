@@ -1,24 +1,23 @@
-"""mHC connection ops with a choice of implementation.
+"""mHC connection ops with a choice of implementation (``backends``).
 
-``impl``:
-  * ``"xla"``: the library's pure-jnp math (``mhc_jax.connections``).
-  * ``"pallas"``: fused Pallas kernels for the default backend: Triton on GPU,
-    Mosaic on TPU (a ValueError on other backends).
-  * ``"pallas_interpret"``: the same kernels run by the Pallas interpreter on
-    any backend; the Mosaic TPU kernels when the default backend is a TPU,
-    the Triton ones otherwise. For tests and debugging.
-  * ``"mosaic_gpu"``: the Pallas Mosaic GPU kernels (Hopper; ``*_mosaic.py``), in
-    development: they raise ``UnsupportedInput`` for shapes they do not take.
-  * ``"mosaic_gpu_interpret"``: those run by the Mosaic GPU interpreter (CPU hosts).
+``impl`` is ``"auto"`` (the platform's fastest kernels that take the input, else XLA),
+``"xla"`` (the pure-jnp references), ``"pallas"`` (the platform's kernels, never XLA),
+one kernel backend (``"mosaic_gpu"``: Pallas Mosaic GPU, Hopper; ``"triton"``:
+Pallas Triton, any GPU; ``"tpu"``: Pallas Mosaic TPU), or an ``*_interpret``
+variant that runs those kernels in the Pallas interpreter on any host (tests,
+debugging). A backend that does not take an input (too many streams, a width or
+dtype it lacks) raises ``backends.UnsupportedInput``; ``auto`` and ``pallas`` then
+try the next backend of their chain, explicit names raise it.
 
 Streams x (..., n, C) may have any leading dims (flattened to T tokens) and a
 bf16, fp16 or fp32 dtype; coefficients are fp32. Every op is differentiable;
-the Pallas ones carry a ``jax.custom_vjp`` whose backward is Pallas kernels too.
+the kernels carry a ``jax.custom_vjp`` whose backward is kernels too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import jax
@@ -37,38 +36,61 @@ from pallas_kernels.mhc import (
     reference,
 )
 from pallas_kernels.mhc._common import Static
+from pallas_kernels.mhc.backends import IMPLS, Impl, UnsupportedInput, chain, note_fallback
 
-IMPLS = ("xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
+__all__ = ["IMPLS", "apply_post_res", "apply_pre", "mhc_mappings", "mhc_mappings_and_pre"]
+
 STREAM_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MAX_STREAMS = 8  # the mapping kernels keep n*n Sinkhorn entries per token in registers
-NATIVE_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
-_BACKENDS = {
+_MODULES = {  # (mapping, pre, post-res) kernel modules of each family
     "triton": (mapping_triton, pre_triton, post_res_triton),
     "tpu": (mapping_tpu, pre_tpu, post_res_tpu),
     "mosaic_gpu": (mapping_mosaic, pre_mosaic, post_res_mosaic),
 }
+_SUPPORT: dict[tuple, str | None] = {}  # probe results: None, or why a backend refused
 
 
-def _kernels(impl: str, fn: str) -> tuple[tuple[ModuleType, ...], bool] | None:
-    """(mapping, pre, post-res kernel modules, interpret) for impl; None for "xla"."""
-    if impl not in IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "xla":
-        return None
-    platform = jax.default_backend()
-    if impl.startswith("mosaic_gpu"):
-        if impl == "mosaic_gpu" and platform != "gpu":
-            raise ValueError(
-                f"{fn}: impl='mosaic_gpu' needs a GPU backend, got {platform!r}; "
-                "use impl='mosaic_gpu_interpret' or impl='xla'"
-            )
-        return _BACKENDS["mosaic_gpu"], impl == "mosaic_gpu_interpret"
-    if impl == "pallas" and platform not in NATIVE_PLATFORMS:
-        raise ValueError(
-            f"{fn}: impl='pallas' needs a GPU or TPU backend, got {platform!r}; "
-            "use impl='pallas_interpret' or impl='xla'"
+def _kernels(backend: Impl, fn: str, n: int) -> tuple[tuple[ModuleType, ...], Static]:
+    if not 1 <= n <= MAX_STREAMS:
+        raise UnsupportedInput(
+            f"{fn}: the kernels support 1 <= n <= {MAX_STREAMS} streams, got n={n}"
         )
-    return _BACKENDS["tpu" if platform == "tpu" else "triton"], impl == "pallas_interpret"
+    return _MODULES[backend.kernels], Static(interpret=backend.interpret)
+
+
+def _probe(key: tuple, call: Callable, backend: Impl, args: Sequence[jax.Array]) -> None:
+    """Traces ``call(backend, *args)`` forward and backward on shapes alone (no
+    compile), so that a backend refusing an input in its backward is found before the
+    forward is committed to it; the verdict is cached per key."""
+    if key not in _SUPPORT:
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+
+        def forward_backward(*a):
+            out, vjp = jax.vjp(lambda *a: call(backend, *a), *a)
+            return vjp(jax.tree.map(jnp.zeros_like, out))
+
+        try:
+            jax.eval_shape(forward_backward, *specs)
+            _SUPPORT[key] = None
+        except UnsupportedInput as e:
+            _SUPPORT[key] = str(e)
+    if _SUPPORT[key] is not None:
+        raise UnsupportedInput(_SUPPORT[key])
+
+
+def _dispatch(fn: str, op: str, impl: str, call: Callable, args: Sequence, statics=()):
+    """``call(backend, *args)`` with the first backend of ``impl``'s chain that takes
+    the input; only the last one runs unprobed, so its refusal is the error raised."""
+    candidates = chain(impl, op)
+    shapes = tuple((a.shape, jnp.dtype(a.dtype).name) for a in args)
+    for backend, after in zip(candidates, candidates[1:]):
+        try:
+            _probe((fn, backend, statics, shapes), call, backend, args)
+        except UnsupportedInput as e:
+            note_fallback(fn, backend.value, str(e), after.value)
+            continue
+        return call(backend, *args)
+    return call(candidates[-1], *args)
 
 
 def _check(fn: str, name: str, a: jax.Array, shape: tuple) -> None:
@@ -79,35 +101,45 @@ def _check(fn: str, name: str, a: jax.Array, shape: tuple) -> None:
 def _streams(fn: str, x: jax.Array) -> tuple[tuple, int, int]:
     if x.ndim < 2:
         raise ValueError(f"{fn}: x must have shape (..., n, C), got {x.shape}")
+    return x.shape[:-2], *x.shape[-2:]
+
+
+def _stream_dtype(fn: str, x: jax.Array) -> None:
     if not any(x.dtype == d for d in STREAM_DTYPES):
         allowed = tuple(jnp.dtype(d).name for d in STREAM_DTYPES)
-        raise ValueError(f"{fn}: x.dtype must be one of {allowed}, got {x.dtype}")
-    n, c = x.shape[-2:]
-    if not 1 <= n <= MAX_STREAMS:
-        raise ValueError(
-            f"{fn}: the Pallas kernels support 1 <= n <= {MAX_STREAMS} streams, got n={n}"
-        )
-    return x.shape[:-2], n, c
+        raise UnsupportedInput(f"{fn}: the kernels take x.dtype in {allowed}, got {x.dtype}")
 
 
-def _static(fn: str, num_iters, norm_eps, interpret: bool) -> Static:
+def _iterations(fn: str, num_iters, norm_eps) -> None:
     if not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"{fn}: num_iters must be an integer >= 1, got {num_iters!r}")
     if not norm_eps >= 0:
         raise ValueError(f"{fn}: norm_eps must be >= 0, got {norm_eps!r}")
-    return Static(num_iters, float(norm_eps), interpret)
 
 
-def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, kernels, with_pre, tied=False):
-    (mapping_kernels, _, _), interpret = kernels
-    static = _static(fn, num_iters, norm_eps, interpret)
+def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, impl, with_pre, tied=False):
+    _iterations(fn, num_iters, norm_eps)
     batch, n, c = _streams(fn, x)
     k = n * n + 2 * n
     _check(fn, "phi", phi, (n * c, k))
     _check(fn, "bias", bias, (k,))
     _check(fn, "alpha", alpha, (3,))
-    outs = mapping_kernels.mapping(x.reshape(-1, n, c), phi, bias, alpha, static, with_pre, tied)
-    return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
+
+    def call(backend, x, phi, bias, alpha):
+        if backend == Impl.XLA:
+            kw = dict(num_iters=num_iters, norm_eps=norm_eps)
+            if not with_pre:
+                return reference.mhc_mappings(x, phi, bias, alpha, **kw)
+            outs = reference.mhc_mappings_and_pre(x, phi, bias, alpha, **kw)
+            return (*outs, x) if tied else outs
+        (mapping, _, _), static = _kernels(backend, fn, n)
+        _stream_dtype(fn, x)
+        static = static._replace(num_iters=num_iters, norm_eps=float(norm_eps))
+        outs = mapping.mapping(x.reshape(-1, n, c), phi, bias, alpha, static, with_pre, tied)
+        return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
+
+    statics = (num_iters, float(norm_eps), with_pre, tied)
+    return _dispatch(fn, "mapping", impl, call, (x, phi, bias, alpha), statics)
 
 
 def mhc_mappings(
@@ -129,11 +161,7 @@ def mhc_mappings(
     Returns:
       h_pre (..., n), h_post (..., n), h_res (..., n, n), fp32.
     """
-    kernels = _kernels(impl, "mhc_mappings")
-    if kernels is None:
-        return reference.mhc_mappings(x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
-    args = (x, phi, bias, alpha, num_iters, norm_eps, kernels, False)
-    return _mapping("mhc_mappings", *args)
+    return _mapping("mhc_mappings", x, phi, bias, alpha, num_iters, norm_eps, impl, False)
 
 
 def mhc_mappings_and_pre(
@@ -158,27 +186,24 @@ def mhc_mappings_and_pre(
       added inside this op's backward kernel, while it writes dx, instead of in
       a separate pass over three (..., n, C) arrays.
     """
-    kernels = _kernels(impl, "mhc_mappings_and_pre")
-    if kernels is None:
-        outs = reference.mhc_mappings_and_pre(
-            x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps
-        )
-        return (*outs, x) if tied_streams else outs
-    args = (x, phi, bias, alpha, num_iters, norm_eps, kernels, True, tied_streams)
+    args = (x, phi, bias, alpha, num_iters, norm_eps, impl, True, tied_streams)
     return _mapping("mhc_mappings_and_pre", *args)
 
 
 def apply_pre(h_pre: jax.Array, x: jax.Array, *, impl: str = "xla") -> jax.Array:
     """``layer_input = sum_i h_pre[i] x[i]``: (..., n), (..., n, C) -> (..., C) in x.dtype."""
-    kernels = _kernels(impl, "apply_pre")
-    if kernels is None:
-        return reference.apply_pre(h_pre, x)
-    (_, pre, _), interpret = kernels
     batch, n, c = _streams("apply_pre", x)
     _check("apply_pre", "h_pre", h_pre, (*batch, n))
     t = math.prod(batch)
-    out = pre.apply_pre(h_pre.reshape(t, n), x.reshape(t, n, c), Static(interpret=interpret))
-    return out.reshape(*batch, c)
+
+    def call(backend, h_pre, x):
+        if backend == Impl.XLA:
+            return reference.apply_pre(h_pre, x)
+        (_, pre, _), static = _kernels(backend, "apply_pre", n)
+        _stream_dtype("apply_pre", x)
+        return pre.apply_pre(h_pre.reshape(t, n), x.reshape(t, n, c), static).reshape(*batch, c)
+
+    return _dispatch("apply_pre", "pre", impl, call, (h_pre, x))
 
 
 def apply_post_res(
@@ -192,20 +217,18 @@ def apply_post_res(
     Returns:
       (..., n, C) in x.dtype.
     """
-    kernels = _kernels(impl, "apply_post_res")
-    if kernels is None:
-        return reference.apply_post_res(h_res, h_post, x, f)
-    (_, _, post_res), interpret = kernels
     batch, n, c = _streams("apply_post_res", x)
     _check("apply_post_res", "h_res", h_res, (*batch, n, n))
     _check("apply_post_res", "h_post", h_post, (*batch, n))
     _check("apply_post_res", "f", f, (*batch, c))
     t = math.prod(batch)
-    out = post_res.apply_post_res(
-        h_res.reshape(t, n, n),
-        h_post.reshape(t, n),
-        x.reshape(t, n, c),
-        f.reshape(t, c),
-        Static(interpret=interpret),
-    )
-    return out.reshape(x.shape)
+
+    def call(backend, h_res, h_post, x, f):
+        if backend == Impl.XLA:
+            return reference.apply_post_res(h_res, h_post, x, f)
+        (_, _, post_res), static = _kernels(backend, "apply_post_res", n)
+        _stream_dtype("apply_post_res", x)
+        args = (h_res.reshape(t, n, n), h_post.reshape(t, n), x.reshape(t, n, c), f.reshape(t, c))
+        return post_res.apply_post_res(*args, static).reshape(x.shape)
+
+    return _dispatch("apply_post_res", "post_res", impl, call, (h_res, h_post, x, f))

@@ -32,6 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mhc import _coeffs, epilogue_mosaic, pre_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
 from pallas_kernels.mhc._common import dot_tn, mapping_op, split
+from pallas_kernels.mhc.backends import UnsupportedInput
 
 F32 = jnp.float32
 CHUNK = 64  # columns per wgmma step: one 128-byte swizzle row of 16-bit values
@@ -48,12 +49,12 @@ def _swizzled(cols: int, itemsize: int = 2) -> tuple:
 
 def _check(x2, c: int) -> None:
     if x2.dtype.itemsize != 2:
-        raise io.UnsupportedInput(
+        raise UnsupportedInput(
             f"mhc mapping: {x2.dtype} streams: the Mosaic GPU mapping kernels take 16-bit "
             "streams (wgmma would round fp32 to tf32); use impl='xla' or the Triton kernels"
         )
     if c % CHUNK:
-        raise io.UnsupportedInput(
+        raise UnsupportedInput(
             f"mhc mapping: C={c}: the Mosaic GPU mapping kernels need C a multiple of "
             f"{CHUNK}; use impl='xla' or the Triton kernels"
         )

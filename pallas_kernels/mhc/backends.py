@@ -1,0 +1,144 @@
+"""Which implementation runs an mHC op: the names, each platform's order, the typed error.
+
+An implementation is either one backend (``xla``, ``mosaic_gpu``, ``triton``, ``tpu``
+and the ``*_interpret`` variants, which run the kernels in the Pallas interpreter on
+any host) or a chain of them:
+
+* ``auto``: the platform's kernels, fastest first, then ``xla``. A backend that does
+  not take an input raises ``UnsupportedInput``; ``auto`` then runs the next one and
+  logs that once per (op, backend, reason).
+* ``pallas``: the platform's kernels in the same order, never ``xla``: an input no
+  kernel takes is an error. ``pallas_interpret``: the platform's kernels run by the
+  Pallas interpreter (the TPU kernels on a TPU host, the Triton ones elsewhere).
+
+Every other name is explicit: it runs that backend or raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+import jax
+from absl import logging
+
+
+class Impl(enum.StrEnum):
+    AUTO = "auto"
+    XLA = "xla"
+    PALLAS = "pallas"
+    PALLAS_INTERPRET = "pallas_interpret"
+    MOSAIC_GPU = "mosaic_gpu"
+    MOSAIC_GPU_INTERPRET = "mosaic_gpu_interpret"
+    TRITON = "triton"
+    TRITON_INTERPRET = "triton_interpret"
+    TPU = "tpu"
+    TPU_INTERPRET = "tpu_interpret"
+
+    @property
+    def interpret(self) -> bool:
+        return self.value.endswith("_interpret")
+
+    @property
+    def kernels(self) -> str | None:
+        """The kernel family of a single backend ("mosaic_gpu", "triton", "tpu"), None for xla."""
+        name = self.value.removesuffix("_interpret")
+        return name if name in ("mosaic_gpu", "triton", "tpu") else None
+
+
+IMPLS = tuple(i.value for i in Impl)
+
+
+class UnsupportedInput(ValueError):
+    """A kernel backend does not take this input; the message says why and what does."""
+
+
+# Ops: the fused mapping (+ pre), the pre alone, post-res.
+OPS = ("mapping", "pre", "post_res")
+
+# The kernel families of each platform, fastest first for each op (one H200, JAX
+# 0.11.2, n = 4, bf16; docs/benchmarks): Mosaic GPU's mapping and pre beat Triton's at
+# every measured shape, its post-res does not yet.
+_ORDER = {
+    "hopper": {
+        "mapping": ("mosaic_gpu", "triton"),
+        "pre": ("mosaic_gpu", "triton"),
+        "post_res": ("triton", "mosaic_gpu"),
+    },
+    "gpu": {op: ("triton",) for op in OPS},
+    "tpu": {op: ("tpu",) for op in OPS},
+    "cpu": {op: () for op in OPS},
+}
+
+
+def parse(impl: str, field: str = "impl") -> Impl:
+    """``impl`` as an Impl; a ValueError naming ``field``, the value and the names allowed."""
+    try:
+        return Impl(impl)
+    except ValueError:
+        raise ValueError(f"{field} must be one of {IMPLS}, got {impl!r}") from None
+
+
+def platform() -> str:
+    """ "hopper" (an NVIDIA GPU of compute capability 9.x, which Mosaic GPU's wgmma
+    kernels need), "gpu" (any other GPU), "tpu" or "cpu"."""
+    backend = jax.default_backend()
+    if backend in ("gpu", "cuda", "rocm"):
+        capability = getattr(jax.devices()[0], "compute_capability", "")
+        return "hopper" if str(capability).startswith("9.") else "gpu"
+    return "tpu" if backend == "tpu" else "cpu"
+
+
+def _needs(kernels: str) -> tuple[str, ...]:
+    return {"mosaic_gpu": ("hopper",), "triton": ("hopper", "gpu"), "tpu": ("tpu",)}[kernels]
+
+
+def chain(impl: str | Impl, op: str, field: str = "impl") -> tuple[Impl, ...]:
+    """The single backends ``impl`` tries for ``op``, in order.
+
+    Raises:
+      ValueError: an unknown name, or an explicit backend (``pallas`` included) that
+        cannot run on this platform; the message names ``field``.
+    """
+    impl, where = parse(impl, field), platform()
+    order = tuple(Impl(k) for k in _ORDER[where][op])
+    if impl == Impl.AUTO:
+        return (*order, Impl.XLA)
+    backend = jax.default_backend()
+    if impl == Impl.PALLAS:
+        if not order:
+            raise ValueError(
+                f"{field}='pallas' is invalid on the {backend!r} backend: the kernels need a "
+                f"GPU or TPU; use {field}='pallas_interpret' or {field}='xla'"
+            )
+        return order
+    if impl == Impl.PALLAS_INTERPRET:
+        return (Impl.TPU_INTERPRET if where == "tpu" else Impl.TRITON_INTERPRET,)
+    if impl.kernels and not impl.interpret and where not in _needs(impl.kernels):
+        wanted = {"mosaic_gpu": "an NVIDIA Hopper GPU (sm_90)", "triton": "a GPU"}
+        raise ValueError(
+            f"{field}={impl.value!r} is invalid on the {backend!r} backend ({where}): the "
+            f"kernels need {wanted.get(impl.kernels, 'a TPU')}; use {field}='auto', "
+            f"{field}='xla' or {field}='{impl.value}_interpret'"
+        )
+    return (impl,)
+
+
+def describe(impl: str | Impl) -> str:
+    """What ``impl`` runs here, e.g. ``auto (mosaic_gpu > triton > xla)``, per op where
+    the orders differ."""
+    impl = parse(impl)
+    if impl not in (Impl.AUTO, Impl.PALLAS):
+        return impl.value
+    orders = {op: " > ".join(b.value for b in chain(impl, op)) for op in OPS}
+    if len(set(orders.values())) == 1:
+        return f"{impl.value} ({orders[OPS[0]]})"
+    return f"{impl.value} (" + "; ".join(f"{op}: {o}" for op, o in orders.items()) + ")"
+
+
+@functools.cache
+def note_fallback(op: str, backend: str, reason: str, then: str) -> None:
+    """Logs, once per argument tuple, that ``backend`` refused an input of ``op``."""
+    logging.warning(
+        "mHC %s: %s does not take this input (%s); running %s", op, backend, reason, then
+    )
