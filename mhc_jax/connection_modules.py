@@ -29,6 +29,7 @@ from mhc_jax.connections import (
     hc_mappings,
     residual_init_bias,
 )
+from pallas_kernels.mhc.context import MappingConfig, MappingWeights
 
 F32 = jnp.float32
 
@@ -172,10 +173,13 @@ class ManifoldHyperConnection(nn.Module):
         layout = dict(
             impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
-        layer_input, h_pre, h_post, h_res, x_tied = partitioned.mhc_pre(
-            x, phi, bias, alpha, num_iters=self.num_iters, norm_eps=self.norm_eps, **layout
+        layer_input, ctx = partitioned.mhc_pre(
+            x,
+            MappingWeights(phi, bias, alpha),
+            MappingConfig(self.num_iters, self.norm_eps),
+            **layout,
         )
-        h_pre, h_post, h_res = _named(h_pre, h_post, h_res)
-        _sow_coefficients(self, h_pre, h_post, h_res)
+        ctx = ctx._replace(**dict(zip(("h_pre", "h_post", "h_res"), _named(*ctx[:3]))))
+        _sow_coefficients(self, ctx.h_pre, ctx.h_post, ctx.h_res)
         f = _run_branch(branch, layer_input)
-        return _named(partitioned.post_res(h_res, h_post, x_tied, f, **layout))[0]
+        return _named(partitioned.post_res(ctx, f, **layout))[0]

@@ -15,10 +15,9 @@ import ml_collections
 
 from mhc_jax import config as config_lib
 from mhc_jax.model import ModelConfig
-from mhc_jax.partitioned import resolve_impl
 from mhc_jax.sharding import check_model_fits
 from mhc_jax.train import Layout, deterministic_model
-from pallas_kernels.mhc.backends import describe as describe_impl
+from pallas_kernels.mhc import backends
 
 
 class Preflight(NamedTuple):
@@ -43,7 +42,7 @@ def preflight(config: ml_collections.ConfigDict, devices=None) -> Preflight:
     check_model_fits(mesh, model_cfg, config.data.seq_len, config.data.batch_size)
     impl = "-"
     if model_cfg.connection == "mhc":
-        impl = describe_impl(resolve_impl(model_cfg.impl, model_cfg.n))
+        impl = backends.describe(backends.resolve(model_cfg.impl, model_cfg.n, "model.impl"))
     return Preflight(model_cfg, layout, impl)
 
 

@@ -24,25 +24,25 @@ def on_gpu(monkeypatch):
     """Makes the library believe the default backend is a GPU (the kernels are never
     reached here: only the implementation choice is)."""
     monkeypatch.setattr(partitioned.jax, "default_backend", lambda: "gpu")
-    partitioned._note_once.cache_clear()
+    backends._note_once.cache_clear()
     yield
-    partitioned._note_once.cache_clear()
+    backends._note_once.cache_clear()
 
 
 def test_auto_takes_the_kernels_where_they_fit(on_gpu, caplog):
     with caplog.at_level(logging.WARNING):
-        assert partitioned.resolve_impl("auto", 4) == "auto"
-        assert partitioned.resolve_impl("auto", 8) == "auto"
+        assert backends.resolve("auto", 4, "model.impl") == "auto"
+        assert backends.resolve("auto", 8, "model.impl") == "auto"
         assert not caplog.records
-        assert partitioned.resolve_impl("auto", 12) == "xla"
-        assert partitioned.resolve_impl("auto", 12) == "xla"
+        assert backends.resolve("auto", 12, "model.impl") == "xla"
+        assert backends.resolve("auto", 12, "model.impl") == "xla"
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 1 and "n=12 runs on the XLA path" in notes[0]
 
 
 def test_auto_follows_the_backend():
     native = jax.default_backend() in ("gpu", "tpu")
-    assert partitioned.resolve_impl("auto", 4) == ("auto" if native else "xla")
+    assert backends.resolve("auto", 4, "model.impl") == ("auto" if native else "xla")
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_auto_follows_the_backend():
 def test_explicit_kernels_fail_loudly(impl, n, match, monkeypatch):
     monkeypatch.setattr(partitioned.jax, "default_backend", lambda: "cpu")
     with pytest.raises(ValueError, match=match):
-        partitioned.resolve_impl(impl, n)
+        backends.resolve(impl, n, "model.impl")
 
 
 def test_auto_model_with_many_streams_runs_the_xla_path(on_gpu):
@@ -87,7 +87,7 @@ def _tiny(batch_size=8, **sharding):
 def test_preflight_checks_the_mesh_against_the_devices(cpu_devices):
     run = preflight.preflight(_tiny(data=2, fsdp=2, tensor=2), cpu_devices)
     assert dict(run.layout.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert run.mhc_impl == backends.describe(partitioned.resolve_impl("auto", 4))
+    assert run.mhc_impl == backends.describe(backends.resolve("auto", 4, "model.impl"))
     assert "data 2 x fsdp 2 x tensor 2 over 8 cpu device(s)" in preflight.describe(run)
     with pytest.raises(ValueError, match=r"the product 16 must equal the 8 devices"):
         preflight.preflight(_tiny(data=4, fsdp=2, tensor=2), cpu_devices)

@@ -7,15 +7,23 @@ from pallas_kernels.mhc.api import (
     apply_pre,
     mhc_mappings,
     mhc_mappings_and_pre,
+    post_res,
+    pre,
 )
 from pallas_kernels.mhc.backends import Impl, UnsupportedInput
+from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights
 
 __all__ = [
     "IMPLS",
+    "Context",
     "Impl",
+    "MappingConfig",
+    "MappingWeights",
     "UnsupportedInput",
     "apply_post_res",
     "apply_pre",
     "mhc_mappings",
     "mhc_mappings_and_pre",
+    "post_res",
+    "pre",
 ]

@@ -36,12 +36,28 @@ from pallas_kernels.mhc import (
     reference,
 )
 from pallas_kernels.mhc._common import Static
-from pallas_kernels.mhc.backends import IMPLS, Impl, UnsupportedInput, chain, note_fallback
+from pallas_kernels.mhc.backends import (
+    IMPLS,
+    MAX_STREAMS,
+    Impl,
+    UnsupportedInput,
+    chain,
+    note_fallback,
+)
+from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights
 
-__all__ = ["IMPLS", "apply_post_res", "apply_pre", "mhc_mappings", "mhc_mappings_and_pre"]
+__all__ = [
+    "IMPLS",
+    "apply_post_res",
+    "apply_pre",
+    "mhc_mappings",
+    "mhc_mappings_and_pre",
+    "post_res",
+    "pre",
+]
 
 STREAM_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-MAX_STREAMS = 8  # the mapping kernels keep n*n Sinkhorn entries per token in registers
+DEFAULT_CONFIG = MappingConfig()
 _MODULES = {  # (mapping, pre, post-res) kernel modules of each family
     "triton": (mapping_triton, pre_triton, post_res_triton),
     "tpu": (mapping_tpu, pre_tpu, post_res_tpu),
@@ -110,15 +126,8 @@ def _stream_dtype(fn: str, x: jax.Array) -> None:
         raise UnsupportedInput(f"{fn}: the kernels take x.dtype in {allowed}, got {x.dtype}")
 
 
-def _iterations(fn: str, num_iters, norm_eps) -> None:
-    if not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"{fn}: num_iters must be an integer >= 1, got {num_iters!r}")
-    if not norm_eps >= 0:
-        raise ValueError(f"{fn}: norm_eps must be >= 0, got {norm_eps!r}")
-
-
 def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, impl, with_pre, tied=False):
-    _iterations(fn, num_iters, norm_eps)
+    MappingConfig(num_iters, norm_eps)  # validates them
     batch, n, c = _streams(fn, x)
     k = n * n + 2 * n
     _check(fn, "phi", phi, (n * c, k))
@@ -232,3 +241,28 @@ def apply_post_res(
         return post_res.apply_post_res(*args, static).reshape(x.shape)
 
     return _dispatch("apply_post_res", "post_res", impl, call, (h_res, h_post, x, f))
+
+
+def pre(
+    x: jax.Array,
+    weights: MappingWeights,
+    config: MappingConfig = DEFAULT_CONFIG,
+    *,
+    impl: str = "xla",
+) -> tuple[jax.Array, Context]:
+    """Mapping + pre of one mHC layer: x (..., n, C) -> (layer_input (..., C) in x.dtype,
+    the Context to hand to ``post_res`` once the sub-layer has run)."""
+    li, h_pre, h_post, h_res, streams = mhc_mappings_and_pre(
+        x,
+        *weights,
+        num_iters=config.num_iters,
+        norm_eps=config.norm_eps,
+        tied_streams=True,
+        impl=impl,
+    )
+    return li, Context(h_pre, h_post, h_res, streams)
+
+
+def post_res(ctx: Context, f: jax.Array, *, impl: str = "xla") -> jax.Array:
+    """Post-res of the layer ``ctx`` came from: f (..., C) -> x_next (..., n, C)."""
+    return apply_post_res(ctx.h_res, ctx.h_post, ctx.streams, f, impl=impl)

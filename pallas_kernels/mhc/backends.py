@@ -47,6 +47,7 @@ class Impl(enum.StrEnum):
 
 
 IMPLS = tuple(i.value for i in Impl)
+MAX_STREAMS = 8  # the mapping kernels keep n*n Sinkhorn entries per token in registers
 
 
 class UnsupportedInput(ValueError):
@@ -124,6 +125,35 @@ def chain(impl: str | Impl, op: str, field: str = "impl") -> tuple[Impl, ...]:
     return (impl,)
 
 
+def resolve(impl: str, n: int, field: str = "impl") -> str:
+    """What a model runs for ``impl`` and n streams, checked before anything is traced:
+    "xla" where no kernel can run (a CPU host under "auto", or more than MAX_STREAMS
+    streams, said once in the log), else ``impl`` itself ("auto" and "pallas" then pick a
+    backend per op and input).
+
+    Raises:
+      ValueError: naming ``field``, for an unknown name, or an explicit choice that
+        this host or n cannot run.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{field}={impl!r} is invalid: must be one of {IMPLS}")
+    fits = 1 <= n <= MAX_STREAMS
+    if impl not in ("auto", "xla") and not fits:
+        raise ValueError(
+            f"{field}={impl!r} is invalid for n={n}: the Pallas kernels support 1 <= n <= "
+            f"{MAX_STREAMS} streams; use 'auto' (XLA for larger n) or 'xla'"
+        )
+    if all(chain(impl, op, field) == (Impl.XLA,) for op in OPS):
+        return "xla"
+    if impl == "auto" and not fits:
+        _note_once(
+            f"{field}='auto': the Pallas kernels support 1 <= n <= {MAX_STREAMS} streams, "
+            f"so mHC with n={n} runs on the XLA path"
+        )
+        return "xla"
+    return impl
+
+
 def describe(impl: str | Impl) -> str:
     """What ``impl`` runs here, e.g. ``auto (mosaic_gpu > triton > xla)``, per op where
     the orders differ."""
@@ -134,6 +164,11 @@ def describe(impl: str | Impl) -> str:
     if len(set(orders.values())) == 1:
         return f"{impl.value} ({orders[OPS[0]]})"
     return f"{impl.value} (" + "; ".join(f"{op}: {o}" for op, o in orders.items()) + ")"
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    logging.warning(message)
 
 
 @functools.cache
