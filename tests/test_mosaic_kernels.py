@@ -325,6 +325,22 @@ def test_kernels_lower_for_cuda(op, n, dtype, lowered_text):
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
 
 
+@pytest.mark.smoke
+def test_equal_calls_lower_to_one_kernel(lowered_text):
+    """Two sub-layers' post-res of equal shapes share one compiled kernel (an unscanned
+    model would otherwise lower and compile it once per sub-layer)."""
+    x, f, h_res, h_post, _ = _inputs(_rng("lower", "twice"), 4, 2048, BF16)
+    compiled = Static(interpret=False)
+
+    def two_layers(h_res, h_post, x, f):
+        once = post_res_mosaic.apply_post_res(h_res, h_post, x, f, compiled)
+        return post_res_mosaic.apply_post_res(h_res, h_post, once, f, compiled)
+
+    text = lowered_text(two_layers, h_res, h_post, x, f, platform="cuda")
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+    assert len(re.findall(r"call @\S*fwd\S*\(", text)) == 2
+
+
 @pytest.mark.parametrize("n", [pytest.param(4, marks=pytest.mark.smoke), 8])
 def test_mapping_lowers_for_cuda(n, lowered_text):
     """Forward: the projection, the coefficient epilogue and the pre; backward adds the

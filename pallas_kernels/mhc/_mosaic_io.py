@@ -81,6 +81,14 @@ def aligned(op):
     return call
 
 
+def lowered_once(*static_argnames: str):
+    """Decorator: the kernel call under ``jax.jit``, so that calls with equal shapes and
+    static arguments share one traced jaxpr, which XLA lowers (and Mosaic GPU compiles)
+    once per program instead of once per call site (an unscanned model has one call
+    site per sub-layer)."""
+    return lambda fn: jax.jit(fn, static_argnames=static_argnames)
+
+
 def padded_tokens(t: int) -> int:
     """T rounded up to a whole number of token blocks."""
     return -(-t // BT) * BT

@@ -93,6 +93,7 @@ def _run(math, rows_out: tuple[int, ...], *args, interpret: bool):
     )(*args)
 
 
+@io.lowered_once("n", "nc", "static")
 def forward(partials_t, consts, *, n: int, nc: int, static):
     """Coefficients from the summed projection.
 
@@ -121,6 +122,7 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
     return _run(math, (k, k + 1), partials_t, consts, interpret=static.interpret)
 
 
+@io.lowered_once("n", "nc", "static")
 def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
     """The VJP of ``forward``: saved_t (K + 1, T) and the coefficients' cotangents
     dcoef_t (K, T) -> dy_t (K + 1, T) [d(x @ phi) | c_x], dt_t and (dt * raw)_t (K, T),

@@ -60,6 +60,7 @@ def _check(x2, c: int) -> None:
         )
 
 
+@io.lowered_once("n", "static")
 def proj(x2, parts, *, n, static):
     """Per-span partials (spans, T, kp) fp32 of ``x @ phi`` (lanes < K), ``sum(x^2)`` (lane K)."""
     t, nc = x2.shape
@@ -207,6 +208,7 @@ def _dx_call(t, n, c, kp, dtype, bc, with_pre, with_dx_in, interpret):
     )
 
 
+@io.lowered_once("n", "c", "static")
 def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     """(dx2 (T, n*C) in x2.dtype, dphi^T (1, kp, n*C) fp32)."""
     t, kp = dy.shape

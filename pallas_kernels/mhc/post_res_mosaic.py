@@ -39,6 +39,7 @@ def _load(n, rows, cols, bar, refs, smems) -> None:
         plgpu.copy_gmem_to_smem(x_ref.at[rows, j, cols], x_smem.at[j], bar)
 
 
+@io.lowered_once("static")
 def fwd(h_res, h_post, x, f, static):
     """x_next (T, n, C) in x.dtype."""
     t, n, c = x.shape
@@ -79,6 +80,7 @@ def fwd(h_res, h_post, x, f, static):
     )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f)
 
 
+@io.lowered_once("static")
 def bwd(h_res, h_post, x, f, dxn, static):
     """(dh_res (T, n, n), dh_post (T, n)) fp32, dx in x.dtype, df in f.dtype."""
     t, n, c = x.shape

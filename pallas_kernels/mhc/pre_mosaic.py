@@ -27,6 +27,7 @@ def _grid(t: int, c: int, bc: int) -> dict:
     return dict(grid=(pl.cdiv(t, io.BT), c // bc), grid_names=("t", "c"))
 
 
+@io.lowered_once("static")
 def fwd(h, x, static):
     """layer_input (T, C) in x.dtype from h_pre (T, n) and x (T, n, C)."""
     t, n, c = x.shape
@@ -61,6 +62,7 @@ def fwd(h, x, static):
     )(io.coeffs_in(h), x)
 
 
+@io.lowered_once("static")
 def _bwd_call(h, x, dli, static):
     """(dx or None, dh_pre (T, n) fp32); dx only when h is given."""
     t, n, c = x.shape
