@@ -323,6 +323,8 @@ def test_kernels_lower_for_cuda(op, n, dtype, lowered_text):
     for fn, calls in ((kernel, 1), (grad, 2)):
         text = lowered_text(fn, *args, platform="cuda")
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+    # profiles name each kernel (gpu_profile.py counts "mhc_*" as mHC kernels)
+    assert f"mhc_{op}_fwd_mgpu" in text and f"mhc_{op}_bwd_mgpu" in text
 
 
 @pytest.mark.smoke
@@ -358,3 +360,5 @@ def test_mapping_lowers_for_cuda(n, lowered_text):
     for fn, calls in ((fwd, 3), (grad, 6)):
         text = lowered_text(fn, *args, platform="cuda")
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+    names = ("mapping_proj", "mapping_coef_fwd", "pre_fwd", "mapping_coef_bwd", "pre_dh")
+    assert all(f"mhc_{name}_mgpu" in text for name in (*names, "mapping_dx"))

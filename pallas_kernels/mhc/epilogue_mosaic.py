@@ -35,8 +35,9 @@ def constants(info: jax.Array, n: int) -> jax.Array:
     return jnp.broadcast_to(info[:2, :k].reshape(2 * k, 1), (2 * k, BTE))
 
 
-def _run(math, rows_out: tuple[int, ...], *args, interpret: bool):
-    """Runs ``math(*input row lists, bias, alpha) -> output row lists`` per token block.
+def _run(name: str, math, rows_out: tuple[int, ...], *args, interpret: bool):
+    """Runs ``math(*input row lists, bias, alpha) -> output row lists`` per token block,
+    as kernel ``name`` (what profiles show).
 
     args: (r, T) fp32 arrays, then ``constants``. Returns (r, T) fp32 arrays with the
     r of rows_out; output i is at most as tall as argument i, whose shared-memory
@@ -79,6 +80,7 @@ def _run(math, rows_out: tuple[int, ...], *args, interpret: bool):
 
     return plgpu.kernel(
         body,
+        kernel_name=name,
         out_type=tuple(jax.ShapeDtypeStruct((r, t), F32) for r in rows_out),
         scratch_types=[
             *(plgpu.SMEM((a.shape[0], BTE), F32) for a in args),
@@ -119,7 +121,14 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
         )
         return coef, [*raw, r]
 
-    return _run(math, (k, k + 1), partials_t, consts, interpret=static.interpret)
+    return _run(
+        "mhc_mapping_coef_fwd_mgpu",
+        math,
+        (k, k + 1),
+        partials_t,
+        consts,
+        interpret=static.interpret,
+    )
 
 
 @io.lowered_once("n", "nc", "static")
@@ -135,4 +144,12 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
         )
         return [*dy, c_x], dt, [d * v for d, v in zip(dt, saved[:k])]
 
-    return _run(math, (k + 1, k, k), saved_t, dcoef_t, consts, interpret=static.interpret)
+    return _run(
+        "mhc_mapping_coef_bwd_mgpu",
+        math,
+        (k + 1, k, k),
+        saved_t,
+        dcoef_t,
+        consts,
+        interpret=static.interpret,
+    )

@@ -102,6 +102,7 @@ def proj(x2, parts, *, n, static):
 
     return plgpu.kernel(
         body,
+        kernel_name="mhc_mapping_proj_mgpu",
         out_type=jax.ShapeDtypeStruct((spans, t, kp), F32),
         scratch_types=[plgpu.SMEM((io.BT, kp), F32)],
         grid=(pl.cdiv(t, io.BT), spans),
@@ -191,6 +192,7 @@ def _dx_call(t, n, c, kp, dtype, bc, with_pre, with_dx_in, interpret):
     arrivals = 5 + (2 if with_pre else 0) + (1 if with_dx_in else 0)
     return plgpu.kernel(
         body,
+        kernel_name="mhc_mapping_dx_mgpu",
         out_type=jax.ShapeDtypeStruct((t, n * c), dtype),
         scratch_types=[
             plgpu.SMEM((io.BT, bc), dtype),

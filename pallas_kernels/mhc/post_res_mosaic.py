@@ -65,6 +65,7 @@ def fwd(h_res, h_post, x, f, static):
 
     return plgpu.kernel(
         body,
+        kernel_name="mhc_post_res_fwd_mgpu",
         out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
@@ -123,6 +124,7 @@ def bwd(h_res, h_post, x, f, dxn, static):
     t_pad, blocks = io.padded_tokens(t), c // bc
     dx, df, dhr_parts, dhp_parts = plgpu.kernel(
         body,
+        kernel_name="mhc_post_res_bwd_mgpu",
         out_type=(
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct(f.shape, f.dtype),

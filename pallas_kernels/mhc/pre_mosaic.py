@@ -49,6 +49,7 @@ def fwd(h, x, static):
 
     return plgpu.kernel(
         body,
+        kernel_name="mhc_pre_fwd_mgpu",
         out_type=jax.ShapeDtypeStruct((t, c), x.dtype),
         scratch_types=[
             plgpu.SMEM((n, io.BT), F32),
@@ -97,6 +98,7 @@ def _bwd_call(h, x, dli, static):
     dh_type = jax.ShapeDtypeStruct((c // bc, n, io.padded_tokens(t)), F32)
     outs = plgpu.kernel(
         body,
+        kernel_name="mhc_pre_bwd_mgpu" if with_dx else "mhc_pre_dh_mgpu",
         out_type=(jax.ShapeDtypeStruct(x.shape, x.dtype), dh_type) if with_dx else (dh_type,),
         scratch_types=[
             plgpu.SMEM((n, io.BT), F32),
