@@ -9,6 +9,10 @@ debugging). A backend that does not take an input (too many streams, a width or
 dtype it lacks) raises ``backends.UnsupportedInput``; ``auto`` and ``pallas`` then
 try the next backend of their chain, explicit names raise it.
 
+A layer is ``layer_input, ctx = pre(x, MappingWeights(phi, bias, alpha), config)``,
+the sub-layer ``f = F(layer_input)``, then ``x_next = post_res(ctx, f)``; the
+tuple-returning ops below are the same math one op at a time.
+
 Streams x (..., n, C) may have any leading dims (flattened to T tokens) and a
 bf16, fp16 or fp32 dtype; coefficients are fp32. Every op is differentiable;
 the kernels carry a ``jax.custom_vjp`` whose backward is kernels too.
