@@ -8,8 +8,8 @@ streams. With C split over ``tensor`` (``residual_shard="hidden"``) each device
 projects its own C slice and one ``psum`` combines the n*n + 2n partial projections
 and the partial sum of squares per token; the coefficients are then computed
 redundantly on every C shard. With T split instead (``"sequence"``) every token is
-local and no collective is needed. Which implementation runs is
-``pallas_kernels.mhc.backends.resolve``'s choice.
+local and no collective is needed. ``backends.resolve`` checks the implementation
+name first; with "auto" or "pallas" the kernel api then picks a backend per op.
 """
 
 from __future__ import annotations

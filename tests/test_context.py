@@ -45,8 +45,6 @@ def test_pre_then_post_res_equals_the_tuple_ops(impl):
     def loss(fn):
         return lambda *a: sum(jnp.sum(o.astype(F32) ** 2) for o in fn(*a))
 
-    for fn in (typed, tuples):
-        assert jax.tree.structure(jax.grad(loss(fn), argnums=(0, 1, 2))(x, weights, f))
     got = jax.value_and_grad(loss(typed), argnums=(0, 1, 2))(x, weights, f)
     want = jax.value_and_grad(loss(tuples), argnums=(0, 1, 2))(x, weights, f)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -12,6 +12,10 @@ any host) or a chain of them:
   Pallas interpreter (the TPU kernels on a TPU host, the Triton ones elsewhere).
 
 Every other name is explicit: it runs that backend or raises.
+
+A backend's refusals are those raised while its ops are traced (shapes, dtypes,
+widths, shared-memory and VMEM budgets are all checked in Python before a kernel is
+built); a failure only the compiler meets (ptxas, Mosaic lowering) is not caught.
 """
 
 from __future__ import annotations
@@ -155,8 +159,8 @@ def resolve(impl: str, n: int, field: str = "impl") -> str:
 
 
 def describe(impl: str | Impl) -> str:
-    """What ``impl`` runs here, e.g. ``auto (mosaic_gpu > triton > xla)``, per op where
-    the orders differ."""
+    """What ``impl`` runs here: ``auto (triton > xla)`` on a non-Hopper GPU, per op
+    where the orders differ (``auto (mapping: mosaic_gpu > triton > xla; ...)``)."""
     impl = parse(impl)
     if impl not in (Impl.AUTO, Impl.PALLAS):
         return impl.value

@@ -46,6 +46,8 @@ from typing import NamedTuple
 
 from jax.experimental import pallas as pl
 
+from pallas_kernels.mhc.backends import UnsupportedInput
+
 TPU_ROW_BUDGET = 16 * 2**20  # bytes of double-buffered token rows per kernel
 TPU_MAX_ROWS = 512  # cap on TPU token-block rows
 TPU_VMEM_CAP = 100 * 2**20  # largest vmem_limit_bytes we ask for (v5e/v5p/v6e hold >= 95 MiB)
@@ -127,7 +129,7 @@ def tpu_token_block(t: int, row_bytes: int, name: str) -> int:
     """Rows per TPU block for kernels moving ``row_bytes`` per token (all blocked arrays)."""
     bt = min(TPU_MAX_ROWS, TPU_ROW_BUDGET // (2 * row_bytes)) // 16 * 16
     if bt < 16:
-        raise ValueError(
+        raise UnsupportedInput(
             f"{name}: one token moves {row_bytes} bytes, too many for a 16-row TPU block within "
             f"{TPU_ROW_BUDGET} bytes of VMEM; use impl='xla' for this n*C"
         )
@@ -138,7 +140,7 @@ def tpu_vmem_limit(bt: int, row_bytes: int, const_bytes: int, name: str) -> int:
     """vmem_limit_bytes for double-buffered rows plus double-buffered constant blocks."""
     need = 2 * bt * row_bytes + 2 * const_bytes + 8 * 2**20
     if need > TPU_VMEM_CAP:
-        raise ValueError(
+        raise UnsupportedInput(
             f"{name}: needs {need} bytes of VMEM (phi^T parts of {const_bytes} bytes), above "
             f"{TPU_VMEM_CAP}; use impl='xla' for this n*C"
         )

@@ -12,8 +12,9 @@ import jax
 class MappingWeights(NamedTuple):
     """One mHC layer's mapping parameters (SPEC §4), fp32.
 
-    phi: (n*C, n*n + 2n), columns [pre | post | res row-major]; bias: (n*n + 2n,);
-    alpha: (3,), the logit scales of pre, post and res.
+    phi: (n*C, n*n + 2n), columns [pre | post | res row-major] (``partitioned.mhc_pre``
+    takes it as (n, C, n*n + 2n), so that C shards like the streams'); bias:
+    (n*n + 2n,); alpha: (3,), the logit scales of pre, post and res.
     """
 
     phi: jax.Array
