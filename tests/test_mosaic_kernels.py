@@ -93,9 +93,9 @@ def test_matches_reference(op, n, c, dtype):
         assert _rel(g, w) <= TOL[dtype]
 
 
-def _mapping_inputs(rng, n, c):
+def _mapping_inputs(rng, n, c, t=T):
     k = n * n + 2 * n
-    x = jnp.asarray(rng.standard_normal((T, n, c)), BF16)
+    x = jnp.asarray(rng.standard_normal((t, n, c)), BF16)
     phi = jnp.asarray(rng.standard_normal((n * c, k)) * 2 / np.sqrt(n * c), F32)
     bias = jnp.asarray(rng.standard_normal(k), F32)
     return x, phi, bias, jnp.asarray(rng.uniform(0.5, 1.5, 3), F32)
@@ -135,6 +135,27 @@ def test_mapping_matches_reference(n, c, with_pre, tied):
     want = _value_and_grads(ref, args, _rng("cot", "mapping", n, c), device=CPU)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == w.dtype
+        assert _rel(g, w) <= MAPPING_TOL[g.dtype]
+
+
+def test_dx_kernel_pipelines_a_token_group(monkeypatch):
+    """The dx kernel's CTAs loop over token groups: here 2 groups of 3 blocks for
+    T = 300 (5 blocks), so its pipeline reuses each stage and output slot, the second
+    group ends on a partial block and then one wholly past T; dphi sums both groups."""
+    monkeypatch.setattr(mapping_mosaic, "SMS", 8)  # 4 column blocks -> 2 token groups
+    assert mapping_mosaic._dx_groups(300, 4) == 2
+    args = _mapping_inputs(_rng("mapping", "groups"), 4, 128, t=300)
+
+    def kernel(*a):
+        return mapping_mosaic.mapping(*a, STATIC, True, True)
+
+    def ref(*a):
+        return (*reference.mhc_mappings_and_pre(*a), a[0])
+
+    got = _value_and_grads(kernel, args, _rng("cot", "mapping", "groups"))
+    assert not _races_recorded()
+    want = _value_and_grads(ref, args, _rng("cot", "mapping", "groups"), device=CPU)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert _rel(g, w) <= MAPPING_TOL[g.dtype]
 
 
@@ -323,6 +344,8 @@ def test_kernels_lower_for_cuda(op, n, dtype, lowered_text):
     for fn, calls in ((kernel, 1), (grad, 2)):
         text = lowered_text(fn, *args, platform="cuda")
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+        if op == "pre" and fn is kernel:  # see pre_mosaic.fwd: keeps XLA from cloning it
+            assert "optimization_barrier" in text
     # profiles name each kernel (gpu_profile.py counts "mhc_*" as mHC kernels)
     assert f"mhc_{op}_fwd_mgpu" in text and f"mhc_{op}_bwd_mgpu" in text
 
@@ -346,7 +369,7 @@ def test_equal_calls_lower_to_one_kernel(lowered_text):
 @pytest.mark.parametrize("n", [pytest.param(4, marks=pytest.mark.smoke), 8])
 def test_mapping_lowers_for_cuda(n, lowered_text):
     """Forward: the projection, the coefficient epilogue and the pre; backward adds the
-    epilogue's VJP, the pre's weight gradient and the dx kernel (dphi: an XLA matmul)."""
+    epilogue's VJP, the pre's weight gradient and the dx kernel (which also gives dphi)."""
     args = _mapping_inputs(_rng("lower", n), n, 2048)
     compiled = Static(interpret=False)
 

@@ -11,9 +11,12 @@ Sinkhorn; one token per thread); with the pre, ``pre_mosaic`` then reads x again
 for ``layer_input``.
 
 Backward: the epilogue's VJP kernel gives ``dy = d(x @ phi)`` and the RMS
-coefficient c_x; a dx kernel, gridded over (token block, column block), computes
-``dx = dy @ phi^T + c_x x (+ h_pre dli) (+ dx_in)`` with wgmma (dy's hi and lo parts
-times phi's hi part), and one XLA matmul gives ``dphi^T = dy^T x``.
+coefficient c_x; one dx kernel, gridded over (token group, column block), pipelines
+its group's token blocks and computes ``dx = dy @ phi^T + c_x x (+ h_pre dli)
+(+ dx_in)`` with wgmma (dy's hi and lo parts times phi's hi part) and, from the same
+x tiles, ``dphi^T = dy^T x`` (dy's parts transposed as wgmma's A operand),
+accumulated over the group in registers; XLA sums the groups' partials (a fixed
+order).
 
 16-bit streams only: fp32 streams would take wgmma's tf32 products, 10 mantissa bits
 where the reference keeps fp32 (``UnsupportedInput``; the Triton kernels take them).
@@ -31,7 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mhc import _coeffs, epilogue_mosaic, pre_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
-from pallas_kernels.mhc._common import dot_tn, mapping_op, split
+from pallas_kernels.mhc._common import mapping_op, split
 from pallas_kernels.mhc.backends import UnsupportedInput
 
 F32 = jnp.float32
@@ -39,6 +42,8 @@ CHUNK = 64  # columns per wgmma step: one 128-byte swizzle row of 16-bit values
 SPANS = (2048, 1024, 512, 256, 128, 64)  # columns per projection block, widest dividing n*C
 STAGES = 3  # chunks in flight in the projection's pipeline
 DX_MIN_LANES = 64
+DX_STAGES = 2  # token blocks in flight in the dx kernel's pipeline
+SMS = 132  # streaming multiprocessors of an H100 / H200 (SXM)
 
 
 def _swizzled(cols: int, itemsize: int = 2) -> tuple:
@@ -148,92 +153,126 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     return (_packed(dy_t, kp), *sums)
 
 
-def _dx_call(t, n, c, kp, dtype, bc, with_pre, with_dx_in, interpret):
+def _dx_block(c: int, kd: int) -> int:
+    """Columns per dx block: 128 where the two fp32 accumulators (dx and dphi^T, 64
+    registers each at kd = 64) leave room for the epilogue, else 64. Shared memory at
+    DX_STAGES = 2 stays under 212 KiB for every n <= 8 with the pre and dx_in tiles."""
+    return 128 if kd == DX_MIN_LANES and c % 128 == 0 else 64
+
+
+def _dx_groups(t: int, blocks: int) -> int:
+    """Token groups of the dx kernel: enough CTAs to fill the SMs once."""
+    return max(1, min(pl.cdiv(t, io.BT), round(SMS / blocks)))
+
+
+def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
+    """dx (T, n*C) and dphi^T partials (groups, kd, n*C) fp32: one CTA per (token group,
+    column block) pipelines its group's token blocks; phi^T's (kd, bc) tile stays in
+    shared memory and dphi^T's tile accumulates in registers across the group."""
+    per = pl.cdiv(pl.cdiv(t, io.BT), groups) * io.BT  # tokens per group (the last may run past T)
+    io_tiles = _swizzled(bc)
+
     def body(*refs):
         x_ref, dy_refs, phi_ref, cx_ref = refs[0], refs[1:3], refs[3], refs[4]
         rest = list(refs[5:])
         h_ref, dli_ref = (rest.pop(0), rest.pop(0)) if with_pre else (None, None)
         dxin_ref = rest.pop(0) if with_dx_in else None
-        dx_ref, x_smem, dy_smem, phi_smem, cx_smem, h_smem, e_smem, o_smem, loaded = rest
-        g = lax.axis_index("c")
-        rows, cols = pl.ds(lax.axis_index("t") * io.BT, io.BT), pl.ds(g * bc, bc)
-        stream = g * bc // c
-        plgpu.copy_gmem_to_smem(x_ref.at[rows, cols], x_smem, loaded)
-        for p in range(2):
-            plgpu.copy_gmem_to_smem(dy_refs[p].at[rows], dy_smem.at[p], loaded)
+        dx_ref, dphi_ref, phi_smem, o_smem, loaded = rest
+        g, b = lax.axis_index("g"), lax.axis_index("c")
+        tokens, cols = pl.ds(g * per, per), pl.ds(b * bc, bc)
+        stream = b * bc // c
         plgpu.copy_gmem_to_smem(phi_ref.at[:, cols], phi_smem, loaded)
-        plgpu.copy_gmem_to_smem(cx_ref.at[:, rows], cx_smem, loaded)
-        if with_pre:
-            plgpu.copy_gmem_to_smem(h_ref.at[:, rows], h_smem, loaded)
-            plgpu.copy_gmem_to_smem(
-                dli_ref.at[rows, pl.ds(g * bc - stream * c, bc)], e_smem.at[0], loaded
-            )
-        if with_dx_in:
-            plgpu.copy_gmem_to_smem(dxin_ref.at[rows, cols], e_smem.at[1], loaded)
         plgpu.barrier_wait(loaded)
 
-        def scope(acc_ref):
-            for p in range(2):
-                plgpu.wgmma(acc_ref, dy_smem.at[p], phi_smem)
-            plgpu.wgmma_wait(0)
-            dx = acc_ref[...] + io.across(io.load_row(cx_smem.at[0]), bc) * io.load_tile(x_smem)
+        def scope(dphi_acc):
+            def step(idx, x_smem, dy0, dy1, cx_smem, *extra):
+                def dx_scope(acc_ref):
+                    for d in (dy0, dy1):
+                        plgpu.wgmma(acc_ref, d, phi_smem)
+                    for d in (dy0, dy1):  # dphi^T += dy^T x over this block's tokens
+                        plgpu.wgmma(dphi_acc, d.T, x_smem)
+                    plgpu.wgmma_wait(0)  # the pipeline refills these tiles on return
+                    return acc_ref[...]
+
+                dx = pl.run_scoped(dx_scope, plgpu.ACC((io.BT, bc), F32))
+                dx += io.across(io.load_row(cx_smem.at[0]), bc) * io.load_tile(x_smem)
+                if with_pre:
+                    h = io.across(io.load_row(extra[0].at[stream]), bc)
+                    dx += h * io.load_tile(extra[1])
+                if with_dx_in:
+                    dx += io.load_tile(extra[-1])
+                slot = lax.rem(idx[0], 2)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # slot's last store read it
+                o_smem[slot] = dx.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                rows = pl.ds(g * per + idx[0] * io.BT, io.BT)
+                plgpu.copy_smem_to_gmem(o_smem.at[slot], dx_ref.at[rows, cols])
+
+            tile = plgpu.BlockSpec((io.BT, bc), lambda j: (j, 0), transforms=io_tiles)
+            in_specs = [tile]
+            in_specs += [
+                plgpu.BlockSpec((io.BT, kd), lambda j: (j, 0), transforms=_swizzled(kd))
+            ] * 2
+            in_specs += [plgpu.BlockSpec((1, io.BT), lambda j: (0, j))]
+            gmem = [x_ref.at[tokens, cols], *(d.at[tokens] for d in dy_refs), cx_ref.at[:, tokens]]
             if with_pre:
-                h = io.across(io.load_row(h_smem.at[stream]), bc)
-                dx += h * io.load_tile(e_smem.at[0])
+                in_specs += [plgpu.BlockSpec((n, io.BT), lambda j: (0, j)), tile]
+                dli_cols = pl.ds(b * bc - stream * c, bc)
+                gmem += [h_ref.at[:, tokens], dli_ref.at[tokens, dli_cols]]
             if with_dx_in:
-                dx += io.load_tile(e_smem.at[1])
-            o_smem[...] = dx.astype(o_smem.dtype)
+                in_specs.append(tile)
+                gmem.append(dxin_ref.at[tokens, cols])
+            plgpu.emit_pipeline(
+                step, grid=(per // io.BT,), in_specs=in_specs, max_concurrent_steps=DX_STAGES
+            )(*gmem)
 
-        pl.run_scoped(scope, plgpu.ACC((io.BT, bc), F32))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, dx_ref.at[rows, cols])
-        plgpu.wait_smem_to_gmem(0)
+            def store(out_smem):
+                out_smem[...] = dphi_acc[...]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, dphi_ref.at[g, :, cols])
+                plgpu.wait_smem_to_gmem(0)
 
-    arrivals = 5 + (2 if with_pre else 0) + (1 if with_dx_in else 0)
+            pl.run_scoped(store, plgpu.SMEM((kd, bc), F32))
+
+        pl.run_scoped(scope, plgpu.ACC((kd, bc), F32))
+
     return plgpu.kernel(
         body,
         kernel_name="mhc_mapping_dx_mgpu",
-        out_type=jax.ShapeDtypeStruct((t, n * c), dtype),
+        out_type=(
+            jax.ShapeDtypeStruct((t, n * c), dtype),
+            jax.ShapeDtypeStruct((groups, kd, n * c), F32),
+        ),
         scratch_types=[
-            plgpu.SMEM((io.BT, bc), dtype),
-            plgpu.SMEM((2, io.BT, kp), dtype, transforms=_swizzled(kp)),
-            plgpu.SMEM((kp, bc), dtype, transforms=_swizzled(bc)),
-            plgpu.SMEM((1, io.BT), F32),
-            plgpu.SMEM((n, io.BT), F32),
-            plgpu.SMEM((2, io.BT, bc), dtype),
-            plgpu.SMEM((io.BT, bc), dtype),
-            plgpu.Barrier(num_arrivals=arrivals),
+            plgpu.SMEM((kd, bc), dtype, transforms=_swizzled(bc)),
+            plgpu.SMEM((2, io.BT, bc), dtype, transforms=io_tiles),
+            plgpu.Barrier(num_arrivals=1),
         ],
-        grid=(pl.cdiv(t, io.BT), n * c // bc),
-        grid_names=("t", "c"),
+        grid=(groups, n * c // bc),
+        grid_names=("g", "c"),
         interpret=io.interpret_params(interpret),
     )
 
 
 @io.lowered_once("n", "c", "static")
 def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
-    """(dx2 (T, n*C) in x2.dtype, dphi^T (1, kp, n*C) fp32)."""
+    """(dx2 (T, n*C) in x2.dtype, dphi^T partials (groups, kd, n*C) fp32, kd >= kp)."""
     t, kp = dy.shape
     k = _coeffs.width(n)
     # lane K holds c_x, passed on its own: zeroed here, it cannot overflow an fp16 split
     dys = split(jnp.where(jnp.arange(kp) == k, 0.0, dy), x2.dtype)
-    # wgmma's A operand (dy) needs rows of at least 64 lanes to lay out (narrower ones
-    # fail layout inference): pad dy and phi^T's hi part with zero lanes / rows.
+    # wgmma's dy operand needs rows of at least 64 lanes to lay out (narrower ones fail
+    # layout inference), and dphi^T's accumulator (dy^T as wgmma's A) needs M = 64: pad
+    # dy and phi^T's hi part with zero lanes / rows.
     kd = max(kp, DX_MIN_LANES)
-    # shared memory in (64, bc) tiles: x, dli, dx_in, dx, then dy (2 x 64 x kd) and
-    # phi^T (kd x bc), at most 3 kd / 64 more for bc >= 64
-    bc = io.column_block("mhc mapping backward", c, 4 + 3 * kd // 64, x2.dtype.itemsize)
+    with_pre, with_dx_in = h_pre is not None, dx_in is not None
+    bc = _dx_block(c, kd)
+    groups = _dx_groups(t, n * c // bc)
     dys_dx = [jnp.pad(d, ((0, 0), (0, kd - kp))) for d in dys]
     phi_dx = jnp.pad(parts[0], ((0, kd - kp), (0, 0)))
-    call = _dx_call(
-        t, n, c, kd, x2.dtype, bc, h_pre is not None, dx_in is not None, static.interpret
-    )
-    extra = ((io.coeffs_in(h_pre), dli) if h_pre is not None else ()) + (
-        (dx_in,) if dx_in is not None else ()
-    )
-    dx2 = call(x2, *dys_dx, phi_dx, io.coeffs_in(dy[:, k : k + 1]), *extra)
-    dphi_t = dot_tn(jnp.concatenate(dys, axis=1), x2)  # (2 kp, n*C)
-    return dx2, (dphi_t[:kp] + dphi_t[kp:])[None]
+    call = _dx_call(t, n, c, kd, x2.dtype, bc, groups, with_pre, with_dx_in, static.interpret)
+    extra = ((io.coeffs_in(h_pre), dli) if with_pre else ()) + ((dx_in,) if with_dx_in else ())
+    return call(x2, *dys_dx, phi_dx, io.coeffs_in(dy[:, k : k + 1]), *extra)
 
 
 def _pre_grad(x2, dli, *, n, c, static):

@@ -47,7 +47,7 @@ def fwd(h, x, static):
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[rows, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    return plgpu.kernel(
+    out = plgpu.kernel(
         body,
         kernel_name="mhc_pre_fwd_mgpu",
         out_type=jax.ShapeDtypeStruct((t, c), x.dtype),
@@ -61,6 +61,12 @@ def fwd(h, x, static):
         interpret=io.interpret_params(static.interpret),
         **_grid(t, c, bc),
     )(io.coeffs_in(h), x)
+    # XLA's dynamic-slice fusion would otherwise clone this kernel: in a scanned model
+    # layer_input feeds the sub-layer and is saved into the scan's stacked residuals,
+    # and XLA (0.11.2, GPU) fused a second copy of the kernel with that stacking
+    # update, running it twice per layer (measured on an H200). The barrier keeps one
+    # call; the stacking becomes a plain copy of one (T, C) slab.
+    return lax.optimization_barrier(out)
 
 
 @io.lowered_once("static")
