@@ -144,6 +144,7 @@ def test_dx_kernel_pipelines_a_token_group(monkeypatch):
     group ends on a partial block and then one wholly past T; dphi sums both groups."""
     monkeypatch.setattr(mapping_mosaic, "SMS", 8)  # 4 column blocks -> 2 token groups
     assert mapping_mosaic._dx_groups(300, 4) == 2
+    assert mapping_mosaic._dx_groups(300, 2) == 3  # not 4 groups of 2 blocks: one past T
     args = _mapping_inputs(_rng("mapping", "groups"), 4, 128, t=300)
 
     def kernel(*a):

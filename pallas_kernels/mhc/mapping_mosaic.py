@@ -156,13 +156,17 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
 def _dx_block(c: int, kd: int) -> int:
     """Columns per dx block: 128 where the two fp32 accumulators (dx and dphi^T, 64
     registers each at kd = 64) leave room for the epilogue, else 64. Shared memory at
-    DX_STAGES = 2 stays under 212 KiB for every n <= 8 with the pre and dx_in tiles."""
+    DX_STAGES = 2 stays under 182 KiB for every n <= 8 with the pre and dx_in tiles:
+    one CTA per SM."""
     return 128 if kd == DX_MIN_LANES and c % 128 == 0 else 64
 
 
 def _dx_groups(t: int, blocks: int) -> int:
-    """Token groups of the dx kernel: enough CTAs to fill the SMs once."""
-    return max(1, min(pl.cdiv(t, io.BT), round(SMS / blocks)))
+    """Token groups of the dx kernel: at most one CTA per SM (its shared memory admits
+    one per SM), and no group wholly past T."""
+    blocks_t = pl.cdiv(t, io.BT)
+    groups = max(1, min(blocks_t, SMS // blocks))
+    return pl.cdiv(blocks_t, pl.cdiv(blocks_t, groups))
 
 
 def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
@@ -208,6 +212,7 @@ def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
                 rows = pl.ds(g * per + idx[0] * io.BT, io.BT)
                 plgpu.copy_smem_to_gmem(o_smem.at[slot], dx_ref.at[rows, cols])
 
+            # TMA zero-fills rows past T (the default fill): they add nothing to dphi
             tile = plgpu.BlockSpec((io.BT, bc), lambda j: (j, 0), transforms=io_tiles)
             in_specs = [tile]
             in_specs += [
@@ -226,6 +231,7 @@ def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
                 step, grid=(per // io.BT,), in_specs=in_specs, max_concurrent_steps=DX_STAGES
             )(*gmem)
 
+            # last, so that its full wait also drains the dx stores before the kernel ends
             def store(out_smem):
                 out_smem[...] = dphi_acc[...]
                 plgpu.commit_smem()
