@@ -29,7 +29,8 @@ from mhc_jax.connections import (
     hc_mappings,
     residual_init_bias,
 )
-from pallas_kernels.mhc.context import MappingConfig, MappingWeights
+from pallas_kernels.mhc import backends
+from pallas_kernels.mhc.context import MappingConfig, MappingWeights, Pending
 
 F32 = jnp.float32
 
@@ -38,6 +39,14 @@ BRANCH_OUTPUT = "branch_out"  # checkpoint name of every sub-layer output F(.) (
 # Checkpoint name of what a connection computes around F: its output streams,
 # layer input and coefficients (remat.py's "save_connections" keeps them).
 CONNECTION_OUTPUT = "connection_out"
+
+
+def defers_post_res(impl: str, n: int) -> bool:
+    """Whether mHC layers with these kernels hand a ``Pending`` on (``defer_post_res``):
+    where ``impl`` runs a kernel backend for the transition between layers, which
+    Mosaic GPU fuses into one pass over the streams (the others run the same two ops
+    in turn)."""
+    return backends.chain(backends.resolve(impl, n), "transition")[0] != backends.Impl.XLA
 
 
 def _param_init(init, axes: tuple):
@@ -141,6 +150,9 @@ class ManifoldHyperConnection(nn.Module):
         "pallas", a kernel backend or its "*_interpret" variant.
       residual_shard: the streams' layout on a mesh's ``tensor`` axis, "hidden"
         (C split) or "sequence" (T split); read only when a mesh is active.
+      defer_post_res: return ``Pending(ctx, f)`` instead of x_next, for the next mHC
+        layer to run this post-res fused with its own mapping + pre
+        (``partitioned.transition``); the input may be a Pending either way.
     """
 
     layer_index: int
@@ -150,10 +162,14 @@ class ManifoldHyperConnection(nn.Module):
     alpha_init: float = 0.01
     impl: str = "auto"
     residual_shard: str = "hidden"
+    defer_post_res: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, branch: Branch) -> jax.Array:
-        n, c = check_streams("ManifoldHyperConnection", x)
+    def __call__(self, x: jax.Array | Pending, branch: Branch) -> jax.Array | Pending:
+        pending = x if isinstance(x, Pending) else None
+        n, c = check_streams(
+            "ManifoldHyperConnection", x if pending is None else pending.ctx.streams
+        )
         if self.init not in MHC_INITS:
             raise ValueError(
                 f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
@@ -173,13 +189,16 @@ class ManifoldHyperConnection(nn.Module):
         layout = dict(
             impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
-        layer_input, ctx = partitioned.mhc_pre(
-            x,
-            MappingWeights(phi, bias, alpha),
-            MappingConfig(self.num_iters, self.norm_eps),
-            **layout,
-        )
+        weights = MappingWeights(phi, bias, alpha)
+        config = MappingConfig(self.num_iters, self.norm_eps)
+        if pending is None:
+            layer_input, ctx = partitioned.mhc_pre(x, weights, config, **layout)
+        else:
+            layer_input, ctx = partitioned.transition(pending, weights, config, **layout)
+            ctx = ctx._replace(streams=_named(ctx.streams)[0])  # x_next, as post-res names it
         ctx = ctx._replace(**dict(zip(("h_pre", "h_post", "h_res"), _named(*ctx[:3]))))
         _sow_coefficients(self, ctx.h_pre, ctx.h_post, ctx.h_res)
         f = _run_branch(branch, layer_input)
+        if self.defer_post_res:
+            return Pending(ctx, f)
         return _named(partitioned.post_res(ctx, f, **layout))[0]

@@ -24,12 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mhc_jax import connection_modules, partitioned
 from mhc_jax import remat as remat_lib
 from mhc_jax.connection_modules import HyperConnection, ManifoldHyperConnection, Residual
 from mhc_jax.connections import MHC_INITS, RESIDUAL_SHARDS
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
 from pallas_kernels.mhc.backends import IMPLS
+from pallas_kernels.mhc.context import Pending
 
 CONNECTIONS = ("residual", "hc", "mhc")
 STREAM_REDUCTIONS = ("sum", "mean", "learned")
@@ -66,6 +68,10 @@ class ModelConfig:
         XLA) | one kernel backend, "mosaic_gpu" (Hopper; 16-bit dtype, d_model a
         multiple of 64), "triton" or "tpu" | an "*_interpret" variant of those
         (``pallas_kernels.mhc.backends``).
+      mhc_fuse_transitions: with the kernels, run each mHC layer's post-res fused with
+        the next layer's mapping + pre (``api.transition``; unscanned models). Off by
+        default: on an H200 the fused Mosaic GPU forward is slower than the two kernels
+        it replaces (docs: BENCHMARKS.md).
       attention: "auto" (cuDNN flash attention on GPUs with 16-bit activations,
         else XLA) | "xla" | "cudnn" (see ``layers.attention_impl``).
       rope_base: RoPE frequency base.
@@ -100,6 +106,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     impl: str = "auto"
+    mhc_fuse_transitions: bool = False
     attention: str = "auto"
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
@@ -120,6 +127,8 @@ class ModelConfig:
                 fail(field, "an integer >= 1")
         if self.sinkhorn_iters < 1 or not isinstance(self.sinkhorn_iters, int):
             fail("sinkhorn_iters", "an integer >= 1")
+        if not isinstance(self.mhc_fuse_transitions, bool):
+            fail("mhc_fuse_transitions", "True or False")
         choices = {
             "connection": CONNECTIONS,
             "mhc_init": MHC_INITS,
@@ -211,7 +220,22 @@ def make_connection(config: ModelConfig, layer_index: int, name: str) -> nn.Modu
         alpha_init=config.mhc_alpha_init,
         impl=config.impl,
         residual_shard=config.residual_shard,
+        defer_post_res=defers_post_res(config),
         name=name,
+    )
+
+
+def defers_post_res(config: ModelConfig) -> bool:
+    """Whether the mHC layers hand each other a ``Pending`` (``mhc_fuse_transitions``:
+    the kernels' fused transition between layers; see
+    ``connection_modules.defers_post_res``). Unscanned models only: under ``nn.scan`` a
+    Pending carry fails Flax's check that no broadcast value depends on the scan body,
+    so scanned stacks run post-res in each layer."""
+    return (
+        config.connection == "mhc"
+        and config.mhc_fuse_transitions
+        and not config.scan_layers
+        and connection_modules.defers_post_res(config.impl, config.n)
     )
 
 
@@ -240,6 +264,14 @@ class Block(nn.Module):
 STREAM_AXES = ("batch", "seq", "streams", "act_embed")
 
 
+def _constrain(x: jax.Array | Pending) -> jax.Array | Pending:
+    """The streams' logical sharding, on x or on a Pending's input streams."""
+    if isinstance(x, Pending):
+        ctx = x.ctx._replace(streams=nn.with_logical_constraint(x.ctx.streams, STREAM_AXES))
+        return x._replace(ctx=ctx)
+    return nn.with_logical_constraint(x, STREAM_AXES)
+
+
 class BlockGroup(nn.Module):
     """``size`` consecutive blocks starting at ``first``: (B, T, n, C) -> same.
 
@@ -258,14 +290,16 @@ class BlockGroup(nn.Module):
         if self.remat_each_block:
             block_cls = nn.remat(Block, policy=remat_lib.checkpoint_policy(self.config.remat))
         for j in range(self.first, self.first + self.size):
-            x = block_cls(self.config, j, name=f"block_{j}")(x)
-            x = nn.with_logical_constraint(x, STREAM_AXES)
+            x = _constrain(block_cls(self.config, j, name=f"block_{j}")(x))
         return x, None
 
 
-def run_blocks(config: ModelConfig, x: jax.Array) -> jax.Array:
+def run_blocks(config: ModelConfig, x: jax.Array, initializing: bool = False) -> jax.Array:
     """All blocks, grouped for rematerialisation and optionally scanned (call from a
-    compact method: the groups become submodules of the caller)."""
+    compact method: the groups become submodules of the caller).
+
+    With the kernels' fused transitions (``defers_post_res``) the blocks carry a
+    ``Pending`` from the first mHC layer on, and the last layer's post-res runs here."""
     per_group = config.blocks_per_group
     group_remat = config.remat != "none" and per_group > 1
     policy = remat_lib.checkpoint_policy(config.remat)
@@ -285,10 +319,15 @@ def run_blocks(config: ModelConfig, x: jax.Array) -> jax.Array:
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = scanned(config, 0, unit, remat_blocks, name="scan")(x, None)
-        return x
-    for g, first in enumerate(range(0, config.num_blocks, per_group)):
-        size = min(per_group, config.num_blocks - first)
-        x, _ = group_cls(config, first, size, remat_blocks, name=f"group_{g}")(x)
+    else:
+        for g, first in enumerate(range(0, config.num_blocks, per_group)):
+            size = min(per_group, config.num_blocks - first)
+            x, _ = group_cls(config, first, size, remat_blocks, name=f"group_{g}")(x)
+    if isinstance(x, Pending):
+        impl = "xla" if initializing else config.impl
+        x = partitioned.post_res(
+            *x, impl=impl, residual_shard=config.residual_shard, on_mesh=not initializing
+        )
     return x
 
 
@@ -312,7 +351,7 @@ class LM(nn.Module):
         )
         h = embed(tokens)
         x = jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], cfg.n, cfg.d_model))
-        x = run_blocks(cfg, nn.with_logical_constraint(x, STREAM_AXES))
+        x = run_blocks(cfg, nn.with_logical_constraint(x, STREAM_AXES), self.is_initializing())
         h = self.reduce_streams(x)
         h = RMSNorm(cfg.norm_eps, cfg.activation_dtype, cfg.weight_dtype, name="final_norm")(h)
         if cfg.tie_embeddings:

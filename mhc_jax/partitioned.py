@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from mhc_jax import connections
 from pallas_kernels.mhc import api, backends
-from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights
+from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights, Pending
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -129,3 +129,41 @@ def post_res(
         out_specs=x_spec,
         check_vma=impl == "xla",
     )(ctx, f)
+
+
+def transition(
+    pending: Pending,
+    weights: MappingWeights,
+    config: MappingConfig,
+    *,
+    impl: str,
+    residual_shard: str,
+    on_mesh: bool = True,
+) -> tuple[jax.Array, Context]:
+    """``mhc_pre(post_res(*pending), weights, config)``, fused where the kernels can
+    (``api.transition``): the end of one mHC layer and the start of the next.
+
+    With C split over ``tensor`` the mapping runs on the XLA path (``mhc_pre``), so the
+    two run in turn there.
+    """
+    ctx, f = pending
+    x = ctx.streams
+    n, c = x.shape[-2:]
+    impl = backends.resolve(impl, n, field="model.impl")
+    layout = dict(impl=impl, residual_shard=residual_shard, on_mesh=on_mesh)
+    mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
+    if c_axis is not None:
+        return mhc_pre(post_res(ctx, f, **layout), weights, config, **layout)
+    flat = weights._replace(phi=weights.phi.reshape(n * c, weights.phi.shape[-1]))
+    fn = functools.partial(api.transition, config=config, impl=impl)
+    if mesh is None:
+        return fn(ctx, f, flat)
+    coef = (P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None))
+    f_spec = P(*x_spec[:2], x_spec[3])
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(Context(*coef, x_spec), f_spec, MappingWeights(P(), P(), P())),
+        out_specs=(f_spec, Context(*coef, x_spec)),
+        check_vma=impl == "xla",
+    )(ctx, f, flat)

@@ -73,7 +73,7 @@ def test_describe_names_what_runs(on):
     assert backends.describe("xla") == "xla"
     assert backends.describe("auto") == (
         "auto (mapping: mosaic_gpu > triton > xla; pre: mosaic_gpu > triton > xla; "
-        "post_res: triton > mosaic_gpu > xla)"
+        "post_res: triton > mosaic_gpu > xla; transition: mosaic_gpu > triton > xla)"
     )
     on("tpu")
     assert backends.describe("pallas") == "pallas (tpu)"

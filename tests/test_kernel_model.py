@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mhc_jax.model import LM, ModelConfig, init_params
+from mhc_jax.model import LM, ModelConfig, defers_post_res, init_params
 from mhc_jax.sharding import MeshConfig
 from mhc_jax.train import Layout
 
@@ -34,16 +34,19 @@ def test_pallas_interpret_model_matches_xla(dtype, tol):
     reason="the Mosaic GPU kernels run on a GPU or in the interpreter on a CPU host",
 )
 def test_mosaic_gpu_model_matches_xla():
-    """The Mosaic GPU kernels (compiled on a GPU, interpreted on a CPU host) in the model."""
+    """The Mosaic GPU kernels (compiled on a GPU, interpreted on a CPU host) in the model,
+    whose two sub-layers meet in the fused transition."""
     impl = "mosaic_gpu" if PLATFORM == "gpu" else "mosaic_gpu_interpret"
-    _kernel_model_matches_xla(impl, "bfloat16", 2e-2)
+    _kernel_model_matches_xla(impl, "bfloat16", 2e-2, mhc_fuse_transitions=True)
 
 
-def _kernel_model_matches_xla(impl, dtype, tol):
+def _kernel_model_matches_xla(impl, dtype, tol, mhc_fuse_transitions=False):
     base = dict(vocab_size=64, num_blocks=1, d_model=64, num_heads=2, d_ff=64, n=4, dtype=dtype)
+    base["mhc_fuse_transitions"] = mhc_fuse_transitions
     base["mhc_init"] = "uniform"  # non-trivial coefficients from the start
     xla_cfg = ModelConfig(connection="mhc", impl="xla", **base)
     pallas_cfg = ModelConfig(connection="mhc", impl=impl, **base)
+    assert defers_post_res(pallas_cfg) == mhc_fuse_transitions and not defers_post_res(xla_cfg)
     params = init_params(xla_cfg, jax.random.key(0))
     # random phi so the mapping is input-dependent
     params = jax.tree_util.tree_map_with_path(

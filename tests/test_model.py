@@ -190,6 +190,10 @@ def test_param_counts():
         (dict(stream_reduce="max"), r"ModelConfig.stream_reduce='max' is invalid"),
         (dict(dtype="fp8"), r"ModelConfig.dtype='fp8' is invalid"),
         (dict(impl="cuda"), r"ModelConfig.impl='cuda' is invalid"),
+        (
+            dict(mhc_fuse_transitions="yes"),
+            r"ModelConfig.mhc_fuse_transitions='yes' is invalid: must be True or False",
+        ),
         (dict(attention="flash"), r"ModelConfig.attention='flash' is invalid"),
         (dict(attention="cudnn"), r"ModelConfig.attention='cudnn' is invalid: .*16-bit"),
         (

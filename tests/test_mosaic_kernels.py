@@ -47,11 +47,34 @@ STATIC = Static(interpret=PLATFORM == "cpu")
 SHAPES = [(1, 64, F32), (2, 256, BF16), (3, 96, F32), (4, 128, BF16), (8, 64, F32)]
 
 
-def _races_recorded() -> bool:
-    """Whether the interpreter recorded a race in the last interpreted kernel."""
+_RACES: list[bool] = []  # one entry per race the interpreter recorded, any kernel
+
+
+def _record_every_race() -> None:
+    """The interpreter keeps one race record per kernel call, replaced by the next call:
+    a race in any but the last kernel of a jitted function would go unseen. Every
+    record's flag now also lands in ``_RACES``."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-    return PLATFORM == "cpu" and gpu_callbacks.get_races().races_found
+    state = gpu_callbacks.GPURaceDetectionState
+
+    def set_found(self, found: bool) -> None:
+        self.__dict__["_found"] = found
+        if found:
+            _RACES.append(True)
+
+    state.races_found = property(lambda self: self.__dict__.get("_found", False), set_found)
+
+
+if PLATFORM == "cpu":
+    _record_every_race()
+
+
+def _races_recorded() -> bool:
+    """Whether the interpreter recorded a race in any kernel since the last call."""
+    found = bool(_RACES)
+    _RACES.clear()
+    return found
 
 
 def _inputs(rng, n, c, dtype):

@@ -9,7 +9,9 @@ GPU "xla", "triton", "mosaic_gpu" and "auto", which takes per op the first backe
 of ``backends``' order; on a TPU "xla" and "tpu"), each op's forward and
 forward+backward, the mHC connection
 forward+backward (mapping fused with pre,
-then post-res; f and the cotangents of layer_input and x_next are inputs), and a
+then post-res; f and the cotangents of layer_input and x_next are inputs), the
+transition between two layers (post-res of one, mapping + pre of the next) fused
+(``api.transition``) beside the same two ops in turn ("post-res then pre"), and a
 plain residual add forward+backward (the floor), plus a device copy for the
 bandwidth ceiling (``copy_ceiling``: the best of several copy forms and sizes, and
 torch's ``copy_`` where torch and CUDA exist). Passes: 3 warm-up calls, then
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.mhc import api, backends, blocks
+from pallas_kernels.mhc.context import Context, MappingWeights
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 WARMUP, BATCH = 3, 4
@@ -127,6 +130,29 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
 
     h_cots = (d["h_pre"], d["h_post"], d["h_res"])
     post_args = (d["h_res"], d["h_post"], d["x"], d["f"])
+
+    # layer l's post-res, then layer l+1's mapping + pre: fused (``api.transition``) and
+    # as the two ops in turn; outputs layer_input and x_next (tied, as the model uses it)
+    def transition(hr, hp, x, f, phi, bias, alpha):
+        ctx = Context(d["h_pre"], hp, hr, x)
+        li, nxt = api.transition(ctx, f, MappingWeights(phi, bias, alpha), impl=impl)
+        return li, nxt.streams
+
+    def post_res_then_pre(hr, hp, x, f, phi, bias, alpha):
+        x_next = post_res(hr, hp, x, f)
+        outs = api.mhc_mappings_and_pre(x_next, phi, bias, alpha, tied_streams=True, impl=impl)
+        return outs[0], outs[-1]
+
+    both = (*post_args, d["phi"], d["bias"], d["alpha"])
+    two_layer_cases = {}
+    for name, fn in (("transition", transition), ("post-res then pre", post_res_then_pre)):
+        two_layer_cases[f"{name} fwd"] = (fn, both, (2 * n + 2) * e + phi_b)
+        two_layer_cases[f"{name} fwd+bwd"] = (
+            _vjp_all(fn),
+            (both, (d["d_li"], d["d_xn"])),
+            (4 * n + 4) * e + 2 * phi_b,
+        )
+
     return {
         "mapping fwd": (mapping, maps, n * e + phi_b + k * coef),
         "mapping fwd+bwd": (
@@ -157,6 +183,7 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
             ((d["x"], d["f"], d["phi"], d["bias"], d["alpha"]), (d["d_li"], d["d_xn"])),
             (4 * n + 4) * e + 2 * phi_b,
         ),
+        **two_layer_cases,
     }
 
 

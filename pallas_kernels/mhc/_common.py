@@ -106,10 +106,19 @@ def phi_parts(phi, kp, dtype):
     return split(phi_t, dtype)
 
 
-def mapping_op(
+class MappingRules(NamedTuple):
+    """A backend's mapping op as its custom-VJP rules (``mapping_rules``):
+    ``forward(x, phi, bias, alpha, static, with_pre, tied, partials=None) -> (outs,
+    residuals)`` and ``backward(static, with_pre, tied, residuals, cotangents)``."""
+
+    forward: Callable
+    backward: Callable
+
+
+def mapping_rules(
     backend: str, fwd: Callable, coef_bwd: Callable, x_bwd: Callable, pre_grad: Callable
-) -> Callable:
-    """Builds ``op(x, phi, bias, alpha, static, with_pre, tied=False)`` with a custom VJP.
+) -> MappingRules:
+    """The custom-VJP rules of ``op(x, phi, bias, alpha, static, with_pre, tied=False)``.
 
     x is (T, n, C); the op returns (h_pre, h_post, h_res), preceded by
     layer_input (T, C) in x.dtype when ``with_pre``. ``tied`` (with the pre only)
@@ -118,7 +127,9 @@ def mapping_op(
     while writing dx, instead of autodiff adding the two (T, n, C) cotangents in
     a separate pass (read 2, write 1 stream slab). Backend callables:
 
-    * ``fwd(x2, phi_parts, info, *, n, c, static, with_pre) -> (coef, saved, li)``
+    * ``fwd(x2, phi_parts, info, *, n, c, static, with_pre) -> (coef, saved, li)``;
+      a backend whose projection another kernel can do (``transition_op``) also takes
+      ``partials=``, that kernel's output
     * ``coef_bwd(saved, dcoef, info, *, n, c, static) -> (dy, dt_parts, dtraw_parts)``
     * ``x_bwd(x2, dy, phi_parts, h_pre, dli, dx_in, *, n, c, static) -> (dx2, dphi_t_parts)``
     * ``pre_grad(x2, dli, *, n, c, static) -> (T, n)``: <x[i], dli>, the pre's d h_pre
@@ -138,11 +149,13 @@ def mapping_op(
         k = _coeffs.width(n)
         return coef[:, :n], coef[:, n : 2 * n], coef[:, 2 * n : k].reshape(-1, n, n)
 
-    def op_fwd(x, phi, bias, alpha, static, with_pre, tied):
+    def op_fwd(x, phi, bias, alpha, static, with_pre, tied, partials=None):
         if tied and not with_pre:
             raise ValueError("mapping op: tied=True needs with_pre=True")
         x2, parts, info, n, c = prepare(x, phi, bias, alpha)
-        coef, saved, li = fwd(x2, parts, info, n=n, c=c, static=static, with_pre=with_pre)
+        given = {} if partials is None else dict(partials=partials)
+        kw = dict(n=n, c=c, static=static, with_pre=with_pre, **given)
+        coef, saved, li = fwd(x2, parts, info, **kw)
         coef, saved = checkpoint_name(coef, KERNEL_OUTPUT), checkpoint_name(saved, KERNEL_OUTPUT)
         outs = unpack(coef, n)
         if with_pre:
@@ -174,11 +187,18 @@ def mapping_op(
             dalpha.astype(alpha.dtype),
         )
 
+    return MappingRules(op_fwd, op_bwd)
+
+
+def mapping_op(rules: MappingRules) -> Callable:
+    """``op(x, phi, bias, alpha, static, with_pre, tied=False)`` with the custom VJP of
+    ``rules`` (see ``mapping_rules``)."""
+
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
     def op(x, phi, bias, alpha, static, with_pre, tied):
-        return op_fwd(x, phi, bias, alpha, static, with_pre, tied)[0]
+        return rules.forward(x, phi, bias, alpha, static, with_pre, tied)[0]
 
-    op.defvjp(op_fwd, op_bwd)
+    op.defvjp(rules.forward, rules.backward)
 
     def mapping(x, phi, bias, alpha, static, with_pre, tied=False):
         return op(x, phi, bias, alpha, static, with_pre, tied)
@@ -243,6 +263,35 @@ def post_res_op(fwd: Callable, bwd: Callable) -> Callable:
         h_res, h_post, x, f = residuals
         dh_res, dh_post, dx, df = bwd(h_res, h_post, x, f, dxn, static)
         return dh_res.astype(h_res.dtype), dh_post.astype(h_post.dtype), dx, df
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def transition_op(rules: MappingRules, fused_fwd: Callable, post_res_bwd: Callable) -> Callable:
+    """``op(h_res, h_post, x, f, phi, bias, alpha, static)`` -> (layer_input, h_pre,
+    h_post', h_res', x_next): post-res of one layer (h_res (T, n, n), h_post (T, n),
+    x (T, n, C), f (T, C)) then the tied mapping + pre of the next (phi, bias, alpha)
+    on x_next, whose projection ``fused_fwd(h_res, h_post, x, f, phi, static) ->
+    (x_next, partials)`` computes while it writes x_next. The backward is the two
+    ops' backward rules in turn: the mapping's (its dx, with x_next's own cotangent
+    added, is x_next's cotangent), then ``post_res_bwd`` (``post_res_op``'s bwd)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+    def op(h_res, h_post, x, f, phi, bias, alpha, static):
+        return op_fwd(h_res, h_post, x, f, phi, bias, alpha, static)[0]
+
+    def op_fwd(h_res, h_post, x, f, phi, bias, alpha, static):
+        x_next, partials = fused_fwd(h_res, h_post, x, f, phi, static)
+        x_next = checkpoint_name(x_next, KERNEL_OUTPUT)
+        outs, res = rules.forward(x_next, phi, bias, alpha, static, True, True, partials)
+        return outs, ((h_res, h_post, x, f), res)
+
+    def op_bwd(static, residuals, g):
+        (h_res, h_post, x, f), res = residuals
+        dxn, dphi, dbias, dalpha = rules.backward(static, True, True, res, g)
+        dh_res, dh_post, dx, df = post_res_bwd(h_res, h_post, x, f, dxn, static)
+        return dh_res.astype(h_res.dtype), dh_post.astype(h_post.dtype), dx, df, dphi, dbias, dalpha
 
     op.defvjp(op_fwd, op_bwd)
     return op

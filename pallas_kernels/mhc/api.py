@@ -10,8 +10,10 @@ dtype it lacks) raises ``backends.UnsupportedInput``; ``auto`` and ``pallas`` th
 try the next backend of their chain, explicit names raise it.
 
 A layer is ``layer_input, ctx = pre(x, MappingWeights(phi, bias, alpha), config)``,
-the sub-layer ``f = F(layer_input)``, then ``x_next = post_res(ctx, f)``; the
-tuple-returning ops below are the same math one op at a time.
+the sub-layer ``f = F(layer_input)``, then ``x_next = post_res(ctx, f)``. Between two
+layers, ``transition(ctx, f, weights, config)`` is that post-res followed by the next
+layer's ``pre``, fused into one pass over the streams where the backend can (Mosaic
+GPU). The tuple-returning ops below are the same math one op at a time.
 
 Streams x (..., n, C) may have any leading dims (flattened to T tokens) and a
 bf16, fp16 or fp32 dtype; coefficients are fp32. Every op is differentiable;
@@ -38,6 +40,7 @@ from pallas_kernels.mhc import (
     pre_tpu,
     pre_triton,
     reference,
+    transition_mosaic,
 )
 from pallas_kernels.mhc._common import Static
 from pallas_kernels.mhc.backends import (
@@ -58,6 +61,7 @@ __all__ = [
     "mhc_mappings_and_pre",
     "post_res",
     "pre",
+    "transition",
 ]
 
 STREAM_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -270,3 +274,54 @@ def pre(
 def post_res(ctx: Context, f: jax.Array, *, impl: str = "xla") -> jax.Array:
     """Post-res of the layer ``ctx`` came from: f (..., C) -> x_next (..., n, C)."""
     return apply_post_res(ctx.h_res, ctx.h_post, ctx.streams, f, impl=impl)
+
+
+def transition(
+    ctx: Context,
+    f: jax.Array,
+    weights: MappingWeights,
+    config: MappingConfig = DEFAULT_CONFIG,
+    *,
+    impl: str = "xla",
+) -> tuple[jax.Array, Context]:
+    """``pre(post_res(ctx, f), weights, config)``: the end of one layer and the start of
+    the next, (layer_input (..., C), the next layer's Context, whose streams are
+    x_next).
+
+    Mosaic GPU computes x_next and the next layer's projection in one kernel (the
+    projection's read of x_next is gone; ``transition_mosaic``); the other backends
+    run the two ops in turn, on the same backend.
+    """
+    x = ctx.streams
+    batch, n, c = _streams("transition", x)
+    k = n * n + 2 * n
+    _check("transition", "h_res", ctx.h_res, (*batch, n, n))
+    _check("transition", "h_post", ctx.h_post, (*batch, n))
+    _check("transition", "f", f, (*batch, c))
+    _check("transition", "phi", weights.phi, (n * c, k))
+    _check("transition", "bias", weights.bias, (k,))
+    _check("transition", "alpha", weights.alpha, (3,))
+    t = math.prod(batch)
+
+    def call(backend, h_res, h_post, x, f, phi, bias, alpha):
+        if backend == Impl.XLA:
+            x_next = reference.apply_post_res(h_res, h_post, x, f)
+            kw = dict(num_iters=config.num_iters, norm_eps=config.norm_eps)
+            return (*reference.mhc_mappings_and_pre(x_next, phi, bias, alpha, **kw), x_next)
+        (mapping, _, post_res), static = _kernels(backend, "transition", n)
+        _stream_dtype("transition", x)
+        static = static._replace(num_iters=config.num_iters, norm_eps=float(config.norm_eps))
+        args = (h_res.reshape(t, n, n), h_post.reshape(t, n), x.reshape(t, n, c), f.reshape(t, c))
+        if backend.kernels == "mosaic_gpu":
+            outs = transition_mosaic.transition(*args, phi, bias, alpha, static)
+        else:
+            x_next = post_res.apply_post_res(*args, static)
+            outs = mapping.mapping(x_next, phi, bias, alpha, static, True, True)
+        return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
+
+    args = (ctx.h_res, ctx.h_post, x, f, *weights)
+    statics = (config.num_iters, float(config.norm_eps))
+    li, h_pre, h_post, h_res, x_next = _dispatch(
+        "transition", "transition", impl, call, args, statics
+    )
+    return li, Context(h_pre, h_post, h_res, x_next)

@@ -58,8 +58,9 @@ class UnsupportedInput(ValueError):
     """A kernel backend does not take this input; the message says why and what does."""
 
 
-# Ops: the fused mapping (+ pre), the pre alone, post-res.
-OPS = ("mapping", "pre", "post_res")
+# Ops: the fused mapping (+ pre), the pre alone, post-res, and the transition between
+# two layers (post-res, then the next layer's mapping + pre).
+OPS = ("mapping", "pre", "post_res", "transition")
 
 # The kernel families of each platform, fastest first for each op (one H200, JAX
 # 0.11.2, n = 4, bf16; docs/benchmarks): Mosaic GPU's mapping and pre beat Triton's at
@@ -69,6 +70,7 @@ _ORDER = {
         "mapping": ("mosaic_gpu", "triton"),
         "pre": ("mosaic_gpu", "triton"),
         "post_res": ("triton", "mosaic_gpu"),
+        "transition": ("mosaic_gpu", "triton"),
     },
     "gpu": {op: ("triton",) for op in OPS},
     "tpu": {op: ("tpu",) for op in OPS},

@@ -48,3 +48,12 @@ class Context(NamedTuple):
     h_post: jax.Array
     h_res: jax.Array
     streams: jax.Array
+
+
+class Pending(NamedTuple):
+    """A layer whose post-res has not run yet: its Context and its sub-layer's output f
+    (..., C). The next mHC layer runs that post-res fused with its own mapping + pre
+    (``api.transition``); after the last layer, ``post_res(*pending)`` gives the streams."""
+
+    ctx: Context
+    f: jax.Array

@@ -34,7 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mhc import _coeffs, epilogue_mosaic, pre_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
-from pallas_kernels.mhc._common import mapping_op, split
+from pallas_kernels.mhc._common import mapping_op, mapping_rules, split
 from pallas_kernels.mhc.backends import UnsupportedInput
 
 F32 = jnp.float32
@@ -83,10 +83,13 @@ def proj(x2, parts, *, n, static):
         def scope(acc_ref):
             def step(_, x_smem, *rest):
                 *phi_smem, sumsq = rest
+                xf = io.load_tile(x_smem)
                 for p in phi_smem:
                     plgpu.wgmma(acc_ref, x_smem, p.T)
-                xf = io.load_tile(x_smem)
-                plgpu.wgmma_wait(0)  # the pipeline may refill the tiles once this returns
+                plgpu.wgmma_wait(0)
+                # the pipeline refills the tiles by TMA (one thread) once this returns:
+                # every warp's loads of them must be done first
+                plgpu.commit_smem()
                 return sumsq + jnp.sum(xf * xf, axis=1)
 
             sumsq = plgpu.emit_pipeline(
@@ -121,12 +124,16 @@ def _packed(rows_t, kp):
     return jnp.pad(rows_t.T, ((0, 0), (0, kp - rows_t.shape[0])))
 
 
-def fwd(x2, parts, info, *, n, c, static, with_pre):
+def fwd(x2, parts, info, *, n, c, static, with_pre, partials=None):
     """(coef, saved) (T, kp) fp32 and, when with_pre, layer_input (T, C) in x2.dtype.
 
-    saved holds raw = (x @ phi) / r on lanes < K and r on lane K."""
+    saved holds raw = (x @ phi) / r on lanes < K and r on lane K. ``partials``: the
+    projection's per-span partials (spans, T, kp) where another kernel computed them
+    (``transition_mosaic``), else ``proj`` runs here."""
     _check(x2, c)
-    partials = jnp.sum(proj(x2, parts, n=n, static=static), axis=0)  # a fixed order
+    if partials is None:
+        partials = proj(x2, parts, n=n, static=static)
+    partials = jnp.sum(partials, axis=0)  # a fixed order
     k, kp = _coeffs.width(n), partials.shape[1]
     coef_t, saved_t = epilogue_mosaic.forward(
         partials[:, : k + 1].T, epilogue_mosaic.constants(info, n), n=n, nc=n * c, static=static
@@ -285,7 +292,8 @@ def _pre_grad(x2, dli, *, n, c, static):
     return pre_mosaic.weight_grad(x2.reshape(x2.shape[0], n, c), dli, static)
 
 
-_mapping = mapping_op("mosaic_gpu", fwd, coef_bwd, x_bwd, _pre_grad)
+RULES = mapping_rules("mosaic_gpu", fwd, coef_bwd, x_bwd, _pre_grad)
+_mapping = mapping_op(RULES)
 
 
 def mapping(x, phi, bias, alpha, static, with_pre, tied=False):

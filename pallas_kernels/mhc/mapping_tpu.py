@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mhc import _coeffs, _tpu_io, blocks, pre_tpu
-from pallas_kernels.mhc._common import back_project, mapping_op, phi_outer, project, split
+from pallas_kernels.mhc._common import (
+    back_project,
+    mapping_op,
+    mapping_rules,
+    phi_outer,
+    project,
+    split,
+)
 
 F32 = jnp.float32
 
@@ -187,5 +194,5 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     return dx2, dphi_t[None]
 
 
-mapping = mapping_op("tpu", fwd, coef_bwd, x_bwd, pre_tpu.weight_grad)
+mapping = mapping_op(mapping_rules("tpu", fwd, coef_bwd, x_bwd, pre_tpu.weight_grad))
 """``mapping(x (T, n, C), phi, bias, alpha, static, with_pre)``: see ``_common.mapping_op``."""

@@ -27,7 +27,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mhc import _coeffs, blocks, pre_triton
-from pallas_kernels.mhc._common import back_project, dot_tn, mapping_op, project, split
+from pallas_kernels.mhc._common import (
+    back_project,
+    dot_tn,
+    mapping_op,
+    mapping_rules,
+    project,
+    split,
+)
 from pallas_kernels.mhc._triton_io import col_mask, row_mask
 
 F32 = jnp.float32
@@ -255,5 +262,5 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     return dx2, sum(dphi_t[i * kp : (i + 1) * kp] for i in range(len(dys)))[None]
 
 
-mapping = mapping_op("triton", fwd, coef_bwd, x_bwd, pre_triton.weight_grad)
+mapping = mapping_op(mapping_rules("triton", fwd, coef_bwd, x_bwd, pre_triton.weight_grad))
 """``mapping(x (T, n, C), phi, bias, alpha, static, with_pre)``: see ``_common.mapping_op``."""
