@@ -113,9 +113,10 @@ def test_api_transition_is_post_res_then_pre(backend):
     batch = lambda a: a.reshape(1, *a.shape)  # noqa: E731
     ctx = Context(batch(h_res[..., 0]), batch(h_post), batch(h_res), batch(x))
     weights, config = MappingWeights(phi, bias, alpha), MappingConfig(num_iters=20)
-    li, nxt = api.transition(ctx, batch(f), weights, config, impl=impl)
-    x_next = api.post_res(ctx, batch(f), impl="xla")
-    want_li, want = api.pre(x_next, weights, config, impl="xla")
+    with jax.default_matmul_precision("highest"):  # XLA's fp32 default on a GPU is TF32
+        li, nxt = api.transition(ctx, batch(f), weights, config, impl=impl)
+        x_next = api.post_res(ctx, batch(f), impl="xla")
+        want_li, want = api.pre(x_next, weights, config, impl="xla")
     assert isinstance(nxt, Context) and nxt.streams.shape == (1, *x.shape)
     for g, w in zip((li, *nxt), (want_li, *want), strict=True):
         assert g.dtype == w.dtype
