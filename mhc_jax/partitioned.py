@@ -52,6 +52,11 @@ def _mesh_layout(residual_shard: str, ndim: int, on_mesh: bool):
     return mesh, c_axis, P(batch, t_axis, None, c_axis), P(batch, t_axis)
 
 
+def _context_spec(x_spec, tok_spec) -> Context:
+    """A Context's PartitionSpecs: coefficients per token, streams as x."""
+    return Context(P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None), x_spec)
+
+
 def _local_pre(x, weights, *, impl, config, c_axis, c_total):
     n, c = x.shape[-2:]
     flat = weights._replace(phi=weights.phi.reshape(n * c, weights.phi.shape[-1]))
@@ -102,12 +107,11 @@ def mhc_pre(
     fn = functools.partial(_local_pre, impl=impl, config=config, c_total=x.shape[-1])
     if mesh is None:
         return fn(x, weights, c_axis=None)
-    coef = (P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None))
     return jax.shard_map(
         functools.partial(fn, c_axis=c_axis),
         mesh=mesh,
         in_specs=(x_spec, MappingWeights(P(None, c_axis, None), P(), P())),
-        out_specs=(P(*x_spec[:2], x_spec[3]), Context(*coef, x_spec)),
+        out_specs=(P(*x_spec[:2], x_spec[3]), _context_spec(x_spec, tok_spec)),
         check_vma=impl == "xla",  # kernel outputs carry no varying-axis types
     )(x, weights)
 
@@ -121,11 +125,10 @@ def post_res(
     mesh, _, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
     if mesh is None:
         return api.post_res(ctx, f, impl=impl)
-    coef = (P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None))
     return jax.shard_map(
         functools.partial(api.post_res, impl=impl),
         mesh=mesh,
-        in_specs=(Context(*coef, x_spec), P(*x_spec[:2], x_spec[3])),
+        in_specs=(_context_spec(x_spec, tok_spec), P(*x_spec[:2], x_spec[3])),
         out_specs=x_spec,
         check_vma=impl == "xla",
     )(ctx, f)
@@ -158,12 +161,11 @@ def transition(
     fn = functools.partial(api.transition, config=config, impl=impl)
     if mesh is None:
         return fn(ctx, f, flat)
-    coef = (P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None))
-    f_spec = P(*x_spec[:2], x_spec[3])
+    f_spec, ctx_spec = P(*x_spec[:2], x_spec[3]), _context_spec(x_spec, tok_spec)
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=(Context(*coef, x_spec), f_spec, MappingWeights(P(), P(), P())),
-        out_specs=(f_spec, Context(*coef, x_spec)),
+        in_specs=(ctx_spec, f_spec, MappingWeights(P(), P(), P())),
+        out_specs=(f_spec, ctx_spec),
         check_vma=impl == "xla",
     )(ctx, f, flat)

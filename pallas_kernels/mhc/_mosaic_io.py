@@ -115,20 +115,18 @@ def block_slices(bc: int) -> tuple:
     return pl.ds(lax.axis_index("t") * BT, BT), pl.ds(lax.axis_index("c") * bc, bc)
 
 
+def swizzled(cols: int, itemsize: int = 2) -> tuple:
+    """Tiling and swizzle transforms for shared-memory tiles whose rows are ``cols``
+    values of ``itemsize`` bytes wide (the widest swizzle such a row fills): WGMMA-layout
+    loads and stores are then free of bank conflicts, and wgmma takes them as operands."""
+    swizzle = min(128, cols * itemsize)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
 def tile_smem(shape: tuple, dtype) -> plgpu.SMEM:
-    """Shared memory for (..., BT, bc) stream tiles: tiled and swizzled along bc (the
-    widest swizzle a bc-wide row fills), so that WGMMA-layout loads and stores are
-    free of bank conflicts; TMA copies lay tiles out so."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = min(128, shape[-1] * itemsize)
-    return plgpu.SMEM(
-        shape,
-        dtype,
-        transforms=(
-            plgpu.TilingTransform((8, swizzle // itemsize)),
-            plgpu.SwizzleTransform(swizzle),
-        ),
-    )
+    """Shared memory for (..., BT, bc) stream tiles, swizzled along bc (``swizzled``);
+    TMA copies lay tiles out so."""
+    return plgpu.SMEM(shape, dtype, transforms=swizzled(shape[-1], jnp.dtype(dtype).itemsize))
 
 
 def load_row(ref) -> jax.Array:

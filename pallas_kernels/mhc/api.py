@@ -122,6 +122,19 @@ def _check(fn: str, name: str, a: jax.Array, shape: tuple) -> None:
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
 
 
+def _check_weights(fn: str, n: int, c: int, phi, bias, alpha) -> None:
+    k = n * n + 2 * n
+    _check(fn, "phi", phi, (n * c, k))
+    _check(fn, "bias", bias, (k,))
+    _check(fn, "alpha", alpha, (3,))
+
+
+def _check_post_res(fn: str, batch: tuple, n: int, c: int, h_res, h_post, f) -> None:
+    _check(fn, "h_res", h_res, (*batch, n, n))
+    _check(fn, "h_post", h_post, (*batch, n))
+    _check(fn, "f", f, (*batch, c))
+
+
 def _streams(fn: str, x: jax.Array) -> tuple[tuple, int, int]:
     if x.ndim < 2:
         raise ValueError(f"{fn}: x must have shape (..., n, C), got {x.shape}")
@@ -137,10 +150,7 @@ def _stream_dtype(fn: str, x: jax.Array) -> None:
 def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, impl, with_pre, tied=False):
     MappingConfig(num_iters, norm_eps)  # validates them
     batch, n, c = _streams(fn, x)
-    k = n * n + 2 * n
-    _check(fn, "phi", phi, (n * c, k))
-    _check(fn, "bias", bias, (k,))
-    _check(fn, "alpha", alpha, (3,))
+    _check_weights(fn, n, c, phi, bias, alpha)
 
     def call(backend, x, phi, bias, alpha):
         if backend == Impl.XLA:
@@ -235,9 +245,7 @@ def apply_post_res(
       (..., n, C) in x.dtype.
     """
     batch, n, c = _streams("apply_post_res", x)
-    _check("apply_post_res", "h_res", h_res, (*batch, n, n))
-    _check("apply_post_res", "h_post", h_post, (*batch, n))
-    _check("apply_post_res", "f", f, (*batch, c))
+    _check_post_res("apply_post_res", batch, n, c, h_res, h_post, f)
     t = math.prod(batch)
 
     def call(backend, h_res, h_post, x, f):
@@ -294,13 +302,8 @@ def transition(
     """
     x = ctx.streams
     batch, n, c = _streams("transition", x)
-    k = n * n + 2 * n
-    _check("transition", "h_res", ctx.h_res, (*batch, n, n))
-    _check("transition", "h_post", ctx.h_post, (*batch, n))
-    _check("transition", "f", f, (*batch, c))
-    _check("transition", "phi", weights.phi, (n * c, k))
-    _check("transition", "bias", weights.bias, (k,))
-    _check("transition", "alpha", weights.alpha, (3,))
+    _check_post_res("transition", batch, n, c, ctx.h_res, ctx.h_post, f)
+    _check_weights("transition", n, c, *weights)
     t = math.prod(batch)
 
     def call(backend, h_res, h_post, x, f, phi, bias, alpha):

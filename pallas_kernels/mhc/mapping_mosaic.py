@@ -46,13 +46,8 @@ DX_STAGES = 2  # token blocks in flight in the dx kernel's pipeline
 SMS = 132  # streaming multiprocessors of an H100 / H200 (SXM)
 
 
-def _swizzled(cols: int, itemsize: int = 2) -> tuple:
-    """Tiling and swizzle transforms for a wgmma operand whose rows are ``cols`` wide."""
-    swizzle = min(128, cols * itemsize)
-    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
-
-
-def _check(x2, c: int) -> None:
+def check_streams(x2, c: int) -> None:
+    """UnsupportedInput unless x2 (T, n*C) holds 16-bit streams and C is whole chunks."""
     if x2.dtype.itemsize != 2:
         raise UnsupportedInput(
             f"mhc mapping: {x2.dtype} streams: the Mosaic GPU mapping kernels take 16-bit "
@@ -73,7 +68,7 @@ def proj(x2, parts, *, n, static):
     span = next(s for s in SPANS if nc % s == 0)
     spans = nc // span
 
-    tiles = _swizzled(CHUNK)
+    tiles = io.swizzled(CHUNK)
 
     def body(x_ref, *refs):
         phi_refs, out_ref, out_smem = refs[: len(parts)], refs[len(parts)], refs[len(parts) + 1]
@@ -130,7 +125,7 @@ def fwd(x2, parts, info, *, n, c, static, with_pre, partials=None):
     saved holds raw = (x @ phi) / r on lanes < K and r on lane K. ``partials``: the
     projection's per-span partials (spans, T, kp) where another kernel computed them
     (``transition_mosaic``), else ``proj`` runs here."""
-    _check(x2, c)
+    check_streams(x2, c)
     if partials is None:
         partials = proj(x2, parts, n=n, static=static)
     partials = jnp.sum(partials, axis=0)  # a fixed order
@@ -181,7 +176,7 @@ def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
     column block) pipelines its group's token blocks; phi^T's (kd, bc) tile stays in
     shared memory and dphi^T's tile accumulates in registers across the group."""
     per = pl.cdiv(pl.cdiv(t, io.BT), groups) * io.BT  # tokens per group (the last may run past T)
-    io_tiles = _swizzled(bc)
+    io_tiles = io.swizzled(bc)
 
     def body(*refs):
         x_ref, dy_refs, phi_ref, cx_ref = refs[0], refs[1:3], refs[3], refs[4]
@@ -223,7 +218,7 @@ def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
             tile = plgpu.BlockSpec((io.BT, bc), lambda j: (j, 0), transforms=io_tiles)
             in_specs = [tile]
             in_specs += [
-                plgpu.BlockSpec((io.BT, kd), lambda j: (j, 0), transforms=_swizzled(kd))
+                plgpu.BlockSpec((io.BT, kd), lambda j: (j, 0), transforms=io.swizzled(kd))
             ] * 2
             in_specs += [plgpu.BlockSpec((1, io.BT), lambda j: (0, j))]
             gmem = [x_ref.at[tokens, cols], *(d.at[tokens] for d in dy_refs), cx_ref.at[:, tokens]]
@@ -257,7 +252,7 @@ def _dx_call(t, n, c, kd, dtype, bc, groups, with_pre, with_dx_in, interpret):
             jax.ShapeDtypeStruct((groups, kd, n * c), F32),
         ),
         scratch_types=[
-            plgpu.SMEM((kd, bc), dtype, transforms=_swizzled(bc)),
+            plgpu.SMEM((kd, bc), dtype, transforms=io.swizzled(bc)),
             plgpu.SMEM((2, io.BT, bc), dtype, transforms=io_tiles),
             plgpu.Barrier(num_arrivals=1),
         ],

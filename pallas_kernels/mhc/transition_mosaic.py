@@ -62,8 +62,8 @@ def post_res_proj(h_res, h_post, x, f, phi, static):
     span, stages = plan(n, c, kp, x.dtype.itemsize, f.dtype.itemsize)
     # phi^T's parts as (n, kp, C): one TMA box brings a chunk's columns of every stream
     parts = [p.reshape(kp, n, c).transpose(1, 0, 2) for p in phi_parts(phi, kp, x.dtype)]
-    tiles = mapping_mosaic._swizzled(CHUNK)
-    f_tiles = mapping_mosaic._swizzled(CHUNK, f.dtype.itemsize)
+    tiles = io.swizzled(CHUNK)
+    f_tiles = io.swizzled(CHUNK, f.dtype.itemsize)
 
     def body(hr_ref, hp_ref, x_ref, f_ref, *refs):
         phi_refs, (xn_ref, part_ref, hr_smem, hp_smem, o_smem, out_smem, loaded) = (
@@ -134,7 +134,7 @@ def post_res_proj(h_res, h_post, x, f, phi, static):
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
-            plgpu.SMEM((2, n, io.BT, CHUNK), x.dtype, transforms=tiles),
+            io.tile_smem((2, n, io.BT, CHUNK), x.dtype),
             plgpu.SMEM((io.BT, kp), F32),
             plgpu.Barrier(num_arrivals=2),
         ],
@@ -162,7 +162,7 @@ def transition(h_res, h_post, x, f, phi, bias, alpha, static):
     if not fuses(n, c, x.dtype, f.dtype):
         x_next = post_res_mosaic.apply_post_res(h_res, h_post, x, f, static)
         return mapping_mosaic.mapping(x_next, phi, bias, alpha, static, True, True)
-    mapping_mosaic._check(x.reshape(t, n * c), c)
+    mapping_mosaic.check_streams(x.reshape(t, n * c), c)
 
     def op(h_res, h_post, x, f, static):
         return _fused(h_res, h_post, x, f, phi, bias, alpha, static)
