@@ -32,6 +32,12 @@ def test_floor_bytes_per_token():
     assert step_overhead.floor_bytes_per_token(1, 10, itemsize=4) == 7 * 10 * 4
 
 
+@pytest.mark.parametrize("spec", ["mhc:auto:none:bogus", "mhc:auto:none:fused:fused"])
+def test_step_overhead_names_a_bad_variant_mode(spec):
+    with pytest.raises(ValueError, match=r":deterministic and :fused, each once"):
+        step_overhead.run_variant(spec, (1, 1, 1), None)
+
+
 def _result(mesh, devices, rows):
     return {"mesh_arg": mesh, "devices": devices, "rows": rows}
 

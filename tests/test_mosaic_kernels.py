@@ -165,7 +165,7 @@ def test_dx_kernel_pipelines_a_token_group(monkeypatch):
     """The dx kernel's CTAs loop over token groups: here 2 groups of 3 blocks for
     T = 300 (5 blocks), so its pipeline reuses each stage and output slot, the second
     group ends on a partial block and then one wholly past T; dphi sums both groups."""
-    monkeypatch.setattr(mapping_mosaic, "SMS", 8)  # 4 column blocks -> 2 token groups
+    monkeypatch.setattr(_mosaic_io, "SMS", 8)  # 4 column blocks -> 2 token groups
     assert mapping_mosaic._dx_groups(300, 4) == 2
     assert mapping_mosaic._dx_groups(300, 2) == 3  # not 4 groups of 2 blocks: one past T
     args = _mapping_inputs(_rng("mapping", "groups"), 4, 128, t=300)
@@ -331,12 +331,29 @@ def test_token_counts_past_the_grid_limit_raise_a_typed_error():
 
 def test_column_blocks_fit_the_shared_memory_budgets():
     assert _mosaic_io.column_block("op", 4096, 5, 2) == 128  # pre at n = 4, bf16: 80 KiB
-    assert _mosaic_io.column_block("op", 4096, 9, 2) == 64  # post-res at n = 4, bf16: 72 KiB
+    assert _mosaic_io.column_block("op", 4096, 9, 2) == 64  # 9 bf16 tiles: 72 KiB
     assert _mosaic_io.column_block("op", 96, 3, 2) == 32
     # fp32 post-res at n = 8: 17 tiles fit only the one-block-per-SM budget
     assert _mosaic_io.column_block("op", 1024, 17, 4) == 32
     with pytest.raises(UnsupportedInput):
         _mosaic_io.column_block("op", 1024, 40, 4)
+
+
+def test_post_res_plans_fit_and_pipeline():
+    """(chunk, stages, output buffers) at the paper's n and at the widest tiles; spans
+    that give 132 SMs a block each and keep >= 4 chunks per block where C has them."""
+    coeffs = lambda n: (n * n + n) * 64 * 4  # noqa: E731
+    fwd = post_res_mosaic.plan("f", 8192, 4096, 64 * 10, 64 * 8, coeffs(4))
+    bwd = post_res_mosaic.plan("b", 8192, 4096, 64 * 18, 64 * 10, coeffs(4))
+    assert (fwd.chunk, fwd.stages, fwd.outs, fwd.span) == (64, 3, 2, 2048)
+    assert (bwd.chunk, bwd.stages, bwd.outs) == (64, 2, 1)
+    fp32_n8 = post_res_mosaic.plan("b", 83, 64, 64 * 68, 64 * 36, coeffs(8))
+    assert (fp32_n8.chunk, fp32_n8.stages, fp32_n8.span) == (16, 2, 64)
+    assert _mosaic_io.span_columns(32768, 4096, 64) == 4096  # 512 blocks: whole rows
+    assert _mosaic_io.span_columns(8192, 1280, 64) == 640
+    assert _mosaic_io.span_columns(83, 4096, 64) == 256  # 2 blocks: 16 spans of 4 chunks
+    with pytest.raises(UnsupportedInput, match=r"b: C=48 .* multiple of 32"):
+        post_res_mosaic.plan("b", 83, 48, 64 * 18, 64 * 10, coeffs(4))
 
 
 # (n, dtype) lowered: the smallest and the paper's n in both dtypes; n = 8 takes ~25 s

@@ -24,7 +24,7 @@ from test_mosaic_kernels import (
     _races_recorded,
 )
 
-from pallas_kernels.mhc import api, reference, transition_mosaic
+from pallas_kernels.mhc import _mosaic_io, api, reference, transition_mosaic
 from pallas_kernels.mhc._common import Static
 from pallas_kernels.mhc.backends import UnsupportedInput
 from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights
@@ -85,8 +85,9 @@ def test_transition_matches_the_two_ops(n, c, fused):
 def test_transition_pipelines_chunks_through_reused_stages(monkeypatch):
     """Spans of 3 chunks at n = 4 (2 stages): the third chunk reuses the first's input
     stage and output slot; 2 spans, T = 150 ends on a partial token block."""
-    monkeypatch.setattr(transition_mosaic, "SPANS", (192, 64))
-    assert transition_mosaic.plan(4, 384, 32, 2, 2) == (192, 2)
+    monkeypatch.setattr(_mosaic_io, "MIN_STEPS", 3)
+    assert _mosaic_io.span_columns(150, 384, 64) == 192
+    assert transition_mosaic.stages(4, 384, 32, 2, 2) == 2
     args = _transition_inputs(_rng("transition", "stages"), 4, 384, t=150)
     _check_against_composed(
         lambda *a: transition_mosaic.transition(*a, STATIC), args, ("transition", "stages")

@@ -8,9 +8,11 @@ ratios are measured against a baseline from the same run:
     python experiments/benchmarks/step_overhead.py --shape=medium --mesh=1,1,2 \
         --variants=mhc:auto:none,mhc:auto:full,mhc:auto:save_dots,mhc:auto:mhc_blocks
 
-A variant is ``connection:impl:remat``, optionally ``:deterministic`` (XLA's
-deterministic GPU mode with XLA attention, ``training.deterministic``; a variant given twice runs
-twice, so final losses that differ show a mode is not run-to-run deterministic).
+A variant is ``connection:impl:remat``, optionally followed by modes: ``:deterministic``
+(XLA's deterministic GPU mode with XLA attention, ``training.deterministic``; a variant
+given twice runs twice, so final losses that differ show a mode is not run-to-run
+deterministic) and ``:fused`` (``model.mhc_fuse_transitions``: one transition kernel
+between consecutive mHC sub-layers).
 Shapes (seq 2048 unless set): A = 24 blocks,
 C 2048, 16 heads, d_ff 5632; B = 12 blocks, C 4096, 32 heads, d_ff 11008; medium =
 the ~330M config (24 blocks, C 1024). bf16 activations, fp32 master weights, AdamW.
@@ -108,9 +110,13 @@ def floor_bytes_per_token(n: int, c: int, itemsize: int = 2) -> float:
 
 
 def run_variant(spec: str, layout_shape, batch_np) -> dict:
-    connection, impl, remat, *mode = spec.split(":")
-    if mode not in ([], ["deterministic"]):
-        raise ValueError(f"--variants: {spec!r} must be connection:impl:remat[:deterministic]")
+    connection, impl, remat, *modes = spec.split(":")
+    unknown = set(modes) - {"deterministic", "fused"}
+    if unknown or len(set(modes)) < len(modes):
+        raise ValueError(
+            f"--variants: {spec!r} must be connection:impl:remat followed by any of the "
+            f"modes :deterministic and :fused, each once; got {sorted(unknown) or modes}"
+        )
     n = 1 if connection == "residual" else _N.value
     cfg = ModelConfig(
         vocab_size=259,
@@ -121,9 +127,11 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
         dtype="bfloat16",
         attention=_ATTENTION.value,
         scan_layers=_SCAN.value,
+        mhc_fuse_transitions="fused" in modes,
         **SHAPES[_SHAPE.value],
     )
-    cfg = deterministic_model(cfg, bool(mode))
+    deterministic = "deterministic" in modes
+    cfg = deterministic_model(cfg, deterministic)
     tx = make_optimizer(OptimizerConfig(warmup_steps=10), 1000)
     layout = Layout.create(MeshConfig(*layout_shape), cfg)
     with layout.activate():
@@ -135,7 +143,7 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
             in_shardings=(shardings, layout.batch),
             out_shardings=(shardings, layout.replicated),
             donate_argnums=(0,),
-            compiler_options=compiler_options(bool(mode)),
+            compiler_options=compiler_options(deterministic),
         )
         batch = layout.put_batch(batch_np)
         t0 = time.perf_counter()

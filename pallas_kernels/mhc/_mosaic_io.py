@@ -26,6 +26,8 @@ TOKEN_ALIGN = 8  # TMA into tiled shared memory needs T a multiple of the 8-row 
 # two or three live, which would spill.
 COLUMN_BLOCKS = (128, 64, 32)
 MAX_TOKENS = 65535 * BT  # token blocks run on CUDA grid y, at most 65535 of them
+SMS = 132  # streaming multiprocessors of an H100 / H200 (SXM)
+MIN_STEPS = 4  # chunks per block that ``span_columns`` keeps where C has them
 # Shared memory a kernel may fill with tiles: first about half of the 227 KiB a Hopper
 # block can take, so two blocks share an SM and one's loads hide the other's math;
 # failing that (fp32 streams at n = 8), most of it for one block per SM.
@@ -87,6 +89,18 @@ def lowered_once(*static_argnames: str):
     once per program instead of once per call site (an unscanned model has one call
     site per sub-layer)."""
     return lambda fn: jax.jit(fn, static_argnames=static_argnames)
+
+
+def span_columns(t: int, c: int, chunk: int) -> int:
+    """Columns of C per block of a kernel gridded over (token block, span) that pipelines
+    its span in ``chunk``-column steps: the widest span that still gives every SM a
+    block, keeping MIN_STEPS chunks per block where C has them (a pipeline needs steps
+    to overlap; each block also pays to fill and drain it)."""
+    chunks, blocks = c // chunk, pl.cdiv(t, BT)
+    fewest = min(MIN_STEPS, chunks)
+    splits = [d for d in range(1, chunks + 1) if chunks % d == 0 and chunks // d >= fewest]
+    split = next((d for d in splits if blocks * d >= SMS), splits[-1])
+    return c // split
 
 
 def padded_tokens(t: int) -> int:

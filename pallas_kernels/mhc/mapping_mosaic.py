@@ -43,7 +43,6 @@ SPANS = (2048, 1024, 512, 256, 128, 64)  # columns per projection block, widest 
 STAGES = 3  # chunks in flight in the projection's pipeline
 DX_MIN_LANES = 64
 DX_STAGES = 2  # token blocks in flight in the dx kernel's pipeline
-SMS = 132  # streaming multiprocessors of an H100 / H200 (SXM)
 
 
 def check_streams(x2, c: int) -> None:
@@ -167,7 +166,7 @@ def _dx_groups(t: int, blocks: int) -> int:
     """Token groups of the dx kernel: at most one CTA per SM (its shared memory admits
     one per SM), and no group wholly past T."""
     blocks_t = pl.cdiv(t, io.BT)
-    groups = max(1, min(blocks_t, SMS // blocks))
+    groups = max(1, min(blocks_t, io.SMS // blocks))
     return pl.cdiv(blocks_t, pl.cdiv(blocks_t, groups))
 
 

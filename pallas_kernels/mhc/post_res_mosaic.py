@@ -1,15 +1,21 @@
 """Post-res-apply kernels (SPEC §7.3), Pallas Mosaic GPU backend (Hopper).
 
-Forward ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``: one block per (token
-block, column block) loads the n stream tiles, f and the coefficient rows by TMA and
-builds each output tile from the shared-memory tiles (n reads of each; registers then
-hold one accumulator and one operand tile at any n). Backward, gridded the same way:
-``dx[j] = sum_i h_res[i, j] dxn[i]``, ``df = sum_i h_post[i] dxn[i]`` and this column
-block's part of ``dh_res[i, j] = <dxn[i], x[j]>`` and ``dh_post[i] = <dxn[i], f>``,
-summed outside over column blocks in a fixed order. See ``_mosaic_io``.
+Forward ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``; backward
+``dx[j] = sum_i h_res[i, j] dxn[i]``, ``df = sum_i h_post[i] dxn[i]``,
+``dh_res[i, j] = <dxn[i], x[j]>`` and ``dh_post[i] = <dxn[i], f>``.
+
+Both kernels stream: one block per (64-token block, column span) pipelines its span in
+column chunks (``emit_pipeline``; TMA brings the next chunks' tiles while this one's
+are used), builds each output tile from the shared-memory tiles (loaded once per
+chunk where registers hold them, HOLD_BYTES) and stores it by TMA from a separate
+buffer, so that the stores of one chunk overlap the next chunk's math. The backward
+carries the span's coefficient gradients in registers and leaves them per span,
+summed outside in a fixed order. See ``_mosaic_io`` for the tiles.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,48 +25,119 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mhc import _mosaic_io as io
 from pallas_kernels.mhc._common import post_res_op
+from pallas_kernels.mhc.backends import UnsupportedInput
 
 F32 = jnp.float32
+SMEM_BYTES = 224 * 1024  # of the 227 KiB a Hopper block may take; the rest: barriers, alignment
+# (chunk columns, chunks in flight, output buffers), preferred first: 128-byte rows of
+# 16-bit values, loads of two chunks in flight, stores overlapping the next chunk (16
+# columns: the backward's fp32 tiles at n = 8).
+CANDIDATES = (
+    (64, 3, 2), (64, 2, 2), (64, 2, 1), (32, 3, 2), (32, 2, 2), (32, 2, 1), (16, 2, 1),
+)  # fmt: skip
 
 
-def _blocks(name: str, t: int, n: int, c: int, itemsize: int) -> tuple[int, dict]:
-    bc = io.column_block(name, c, 2 * n + 1, itemsize)
-    return bc, dict(grid=(pl.cdiv(t, io.BT), c // bc), grid_names=("t", "c"))
+# Operand tiles whose step holds at most this many bytes per token row (n * chunk *
+# itemsize) are loaded from shared memory once per step and widened to fp32 per use;
+# wider ones are loaded per use (registers would spill).
+HOLD_BYTES = 512
 
 
-def _load(n, rows, cols, bar, refs, smems) -> None:
-    """TMA of this block's h_res and h_post rows, f tile and n stream tiles (n + 3
-    arrivals on ``bar``)."""
-    (hr_ref, hp_ref, x_ref, f_ref), (hr_smem, hp_smem, x_smem, f_smem) = refs, smems
+def _operands(smems, chunk: int) -> list:
+    """Per shared-memory tile, a function giving it as fp32 registers (see HOLD_BYTES)."""
+    if len(smems) * chunk * smems[0].dtype.itemsize <= HOLD_BYTES:
+        held = [plgpu.load(ref, layout=io.TILE) for ref in smems]
+        return [lambda tile=tile: tile.astype(F32) for tile in held]
+    return [lambda ref=ref: io.load_tile(ref) for ref in smems]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One kernel's tiling: ``span`` columns of C per block in ``chunk``-column steps,
+    ``stages`` chunks of input tiles in shared memory, ``outs`` output buffers."""
+
+    chunk: int
+    span: int
+    stages: int
+    outs: int
+
+    def tiles(self, itemsize: int) -> tuple:
+        return io.swizzled(self.chunk, itemsize)
+
+
+def plan(name: str, t: int, c: int, in_bytes: int, out_bytes: int, fixed: int) -> Plan:
+    """The first of CANDIDATES whose tiles fit: ``in_bytes`` and ``out_bytes`` are the
+    bytes of one column of a step's input and output tiles (all streams, BT tokens),
+    ``fixed`` the kernel's other shared memory.
+
+    Raises:
+      UnsupportedInput: C not a multiple of 32, or no candidate fits.
+    """
+    for chunk, stages, outs in CANDIDATES:
+        fits = fixed + chunk * (stages * in_bytes + outs * out_bytes) <= SMEM_BYTES
+        if c % 32 == 0 and c % chunk == 0 and fits:
+            return Plan(chunk, io.span_columns(t, c, chunk), stages, outs)
+    raise UnsupportedInput(
+        f"{name}: C={c} with {in_bytes + out_bytes} bytes of tiles per column: the Mosaic GPU "
+        f"kernels need C a multiple of 32 and one 32-column step within {SMEM_BYTES} bytes "
+        "of shared memory; use impl='xla' or the Triton kernels"
+    )
+
+
+def _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar) -> None:
     plgpu.copy_gmem_to_smem(hr_ref.at[:, rows], hr_smem, bar)
     plgpu.copy_gmem_to_smem(hp_ref.at[:, rows], hp_smem, bar)
-    plgpu.copy_gmem_to_smem(f_ref.at[rows, cols], f_smem, bar)
-    for j in range(n):
-        plgpu.copy_gmem_to_smem(x_ref.at[rows, j, cols], x_smem.at[j], bar)
+    plgpu.barrier_wait(bar)
+
+
+def _pipeline(step, p: Plan, specs, refs, init_carry=None):
+    """``step`` over this block's span, ``refs`` (BT, span) views brought in as
+    ``specs``' (itemsize of each) tiles."""
+    blocks = [
+        plgpu.BlockSpec((io.BT, p.chunk), lambda j: (0, j), transforms=p.tiles(size))
+        for size in specs
+    ]
+    return plgpu.emit_pipeline(
+        step,
+        grid=(p.span // p.chunk,),
+        in_specs=blocks,
+        max_concurrent_steps=p.stages,
+        init_carry=init_carry,
+    )(*refs)
 
 
 @io.lowered_once("static")
 def fwd(h_res, h_post, x, f, static):
     """x_next (T, n, C) in x.dtype."""
     t, n, c = x.shape
-    bc, grid = _blocks("apply_post_res", t, n, c, x.dtype.itemsize)
+    xs, fs = x.dtype.itemsize, f.dtype.itemsize
+    coeffs = (n * n + n) * io.BT * 4
+    p = plan("apply_post_res", t, c, io.BT * (n * xs + fs), io.BT * n * xs, coeffs)
 
-    def body(hr_ref, hp_ref, x_ref, f_ref, o_ref, hr_smem, hp_smem, x_smem, f_smem, o_smem, bar):
-        rows, cols = io.block_slices(bc)
-        _load(
-            n, rows, cols, bar, (hr_ref, hp_ref, x_ref, f_ref), (hr_smem, hp_smem, x_smem, f_smem)
-        )
-        plgpu.barrier_wait(bar)
-        for i in range(n):
-            acc = io.across(io.load_row(hp_smem.at[i]), bc) * io.load_tile(f_smem)
-            for j in range(n):
-                acc += io.across(io.load_row(hr_smem.at[i * n + j]), bc) * io.load_tile(
-                    x_smem.at[j]
-                )
-            o_smem[i] = acc.astype(o_smem.dtype)
-        plgpu.commit_smem()
-        for i in range(n):
-            plgpu.copy_smem_to_gmem(o_smem.at[i], o_ref.at[rows, i, cols])
+    def body(hr_ref, hp_ref, x_ref, f_ref, o_ref, hr_smem, hp_smem, o_smem, bar):
+        rows, s = pl.ds(lax.axis_index("t") * io.BT, io.BT), lax.axis_index("s")
+        _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar)
+
+        def step(idx, *refs):
+            x_smem, f_smem = refs[:n], refs[n]
+            slot = lax.rem(idx[0], p.outs)
+            # this buffer's stores, p.outs steps back (n groups a step), have read it
+            plgpu.wait_smem_to_gmem(n * (p.outs - 1), wait_read_only=True)
+            x_tiles, f_tile = _operands(x_smem, p.chunk), _operands([f_smem], p.chunk)[0]
+            for i in range(n):
+                acc = io.across(io.load_row(hp_smem.at[i]), p.chunk) * f_tile()
+                for j in range(n):
+                    h = io.across(io.load_row(hr_smem.at[i * n + j]), p.chunk)
+                    acc += h * x_tiles[j]()
+                o_smem[slot, i] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()  # also orders the pipeline's refill after every load
+            cols = pl.ds(s * p.span + idx[0] * p.chunk, p.chunk)
+            for i in range(n):
+                plgpu.copy_smem_to_gmem(o_smem.at[slot, i], o_ref.at[rows, i, cols])
+
+        span = pl.ds(s * p.span, p.span)
+        refs = [*(x_ref.at[rows, j, span] for j in range(n)), f_ref.at[rows, span]]
+        _pipeline(step, p, [xs] * n + [fs], refs)
         plgpu.wait_smem_to_gmem(0)
 
     return plgpu.kernel(
@@ -70,14 +147,13 @@ def fwd(h_res, h_post, x, f, static):
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
-            io.tile_smem((n, io.BT, bc), x.dtype),
-            io.tile_smem((io.BT, bc), f.dtype),
-            io.tile_smem((n, io.BT, bc), x.dtype),
-            plgpu.Barrier(num_arrivals=n + 3),
+            io.tile_smem((p.outs, n, io.BT, p.chunk), x.dtype),
+            plgpu.Barrier(num_arrivals=2),
         ],
+        grid=(pl.cdiv(t, io.BT), c // p.span),
+        grid_names=("t", "s"),
         compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
-        **grid,
     )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f)
 
 
@@ -85,65 +161,83 @@ def fwd(h_res, h_post, x, f, static):
 def bwd(h_res, h_post, x, f, dxn, static):
     """(dh_res (T, n, n), dh_post (T, n)) fp32, dx in x.dtype, df in f.dtype."""
     t, n, c = x.shape
-    bc, grid = _blocks("apply_post_res backward", t, n, c, x.dtype.itemsize)
+    xs, fs, ds = x.dtype.itemsize, f.dtype.itemsize, dxn.dtype.itemsize
+    coeffs = (n * n + n) * io.BT * 4  # the rows in, then their gradients out
+    in_bytes, out_bytes = io.BT * (n * xs + fs + n * ds), io.BT * (n * xs + fs)
+    p = plan("apply_post_res backward", t, c, in_bytes, out_bytes, coeffs)
 
     def body(
         hr_ref, hp_ref, x_ref, f_ref, d_ref,  # inputs
         dx_ref, df_ref, dhr_ref, dhp_ref,  # outputs
-        hr_smem, hp_smem, x_smem, f_smem, d_smem, dhr_smem, dhp_smem, bar,  # scratch
+        hr_smem, hp_smem, gx_smem, gf_smem, bar,  # scratch
     ):  # fmt: skip
-        rows, cols = io.block_slices(bc)
-        _load(
-            n, rows, cols, bar, (hr_ref, hp_ref, x_ref, f_ref), (hr_smem, hp_smem, x_smem, f_smem)
-        )
-        for j in range(n):
-            plgpu.copy_gmem_to_smem(d_ref.at[rows, j, cols], d_smem.at[j], bar)
-        plgpu.barrier_wait(bar)
-        # dx[j] and df replace x[j] and f in place once read: Mosaic GPU puts a warpgroup
-        # barrier around every shared-memory store, so no thread still reads them.
-        # (operand tile, coefficient rows, gradient rows, row of i = 0, row step in i)
-        operands = [(x_smem.at[j], hr_smem, dhr_smem, j, n) for j in range(n)]
-        for src, h_smem, dh_smem, k0, step in [*operands, (f_smem, hp_smem, dhp_smem, 0, 1)]:
-            v = io.load_tile(src)
-            grad = None
-            for i in range(n):
-                d = io.load_tile(d_smem.at[i])
-                dh_smem[k0 + i * step] = jnp.sum(d * v, axis=1)
-                term = io.across(io.load_row(h_smem.at[k0 + i * step]), bc) * d
-                grad = term if grad is None else grad + term
-            src[...] = grad.astype(src.dtype)
+        rows, s = pl.ds(lax.axis_index("t") * io.BT, io.BT), lax.axis_index("s")
+        _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar)
+
+        def step(idx, *refs):
+            x_smem, f_smem, d_smem, dh = refs[:n], refs[n], refs[n + 1 : 2 * n + 1], refs[-1]
+            slot, dh = lax.rem(idx[0], p.outs), list(dh)
+            plgpu.wait_smem_to_gmem((n + 1) * (p.outs - 1), wait_read_only=True)
+            # (operand tile, its coefficient row for i = 0, row step in i, gradient row
+            # for i = 0 in dh (dh_res's n*n rows, then dh_post's n), output tile)
+            operands = [(x_smem[j], hr_smem, j, n, j, gx_smem.at[slot, j]) for j in range(n)]
+            operands.append((f_smem, hp_smem, 0, 1, n * n, gf_smem.at[slot]))
+            d_tiles = _operands(d_smem, p.chunk)
+            for src, h_smem, k0, stride, g0, dst in operands:
+                v = io.load_tile(src)
+                grad = None
+                for i in range(n):
+                    d = d_tiles[i]()
+                    dh[g0 + i * stride] += jnp.sum(d * v, axis=1)
+                    term = io.across(io.load_row(h_smem.at[k0 + i * stride]), p.chunk) * d
+                    grad = term if grad is None else grad + term
+                dst[...] = grad.astype(dst.dtype)
+            plgpu.commit_smem()
+            cols = pl.ds(s * p.span + idx[0] * p.chunk, p.chunk)
+            for j in range(n):
+                plgpu.copy_smem_to_gmem(gx_smem.at[slot, j], dx_ref.at[rows, j, cols])
+            plgpu.copy_smem_to_gmem(gf_smem.at[slot], df_ref.at[rows, cols])
+            return tuple(dh)
+
+        span = pl.ds(s * p.span, p.span)
+        refs = [
+            *(x_ref.at[rows, j, span] for j in range(n)),
+            f_ref.at[rows, span],
+            *(d_ref.at[rows, i, span] for i in range(n)),
+        ]
+        zero = plgpu.layout_cast(jnp.zeros((io.BT,), F32), io.ROW)
+        dh = _pipeline(step, p, [xs] * n + [fs] + [ds] * n, refs, (zero,) * (n * n + n))
+        # the gradients replace the coefficient rows, read for the last time above
+        for k in range(n * n):
+            hr_smem[k] = dh[k]
+        for i in range(n):
+            hp_smem[i] = dh[n * n + i]
         plgpu.commit_smem()
-        for j in range(n):
-            plgpu.copy_smem_to_gmem(x_smem.at[j], dx_ref.at[rows, j, cols])
-        plgpu.copy_smem_to_gmem(f_smem, df_ref.at[rows, cols])
-        ci = lax.axis_index("c")
-        plgpu.copy_smem_to_gmem(dhr_smem, dhr_ref.at[ci, :, rows])
-        plgpu.copy_smem_to_gmem(dhp_smem, dhp_ref.at[ci, :, rows])
+        plgpu.copy_smem_to_gmem(hr_smem, dhr_ref.at[s, :, rows])
+        plgpu.copy_smem_to_gmem(hp_smem, dhp_ref.at[s, :, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    t_pad, blocks = io.padded_tokens(t), c // bc
+    t_pad, spans = io.padded_tokens(t), c // p.span
     dx, df, dhr_parts, dhp_parts = plgpu.kernel(
         body,
         kernel_name="mhc_post_res_bwd_mgpu",
         out_type=(
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct(f.shape, f.dtype),
-            jax.ShapeDtypeStruct((blocks, n * n, t_pad), F32),
-            jax.ShapeDtypeStruct((blocks, n, t_pad), F32),
+            jax.ShapeDtypeStruct((spans, n * n, t_pad), F32),
+            jax.ShapeDtypeStruct((spans, n, t_pad), F32),
         ),
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
-            io.tile_smem((n, io.BT, bc), x.dtype),
-            io.tile_smem((io.BT, bc), f.dtype),
-            io.tile_smem((n, io.BT, bc), dxn.dtype),
-            plgpu.SMEM((n * n, io.BT), F32),
-            plgpu.SMEM((n, io.BT), F32),
-            plgpu.Barrier(num_arrivals=2 * n + 3),
+            io.tile_smem((p.outs, n, io.BT, p.chunk), x.dtype),
+            io.tile_smem((p.outs, io.BT, p.chunk), f.dtype),
+            plgpu.Barrier(num_arrivals=2),
         ],
+        grid=(pl.cdiv(t, io.BT), spans),
+        grid_names=("t", "s"),
         compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
-        **grid,
     )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f, dxn)
     dh_res = io.coeffs_out(jnp.sum(dhr_parts, axis=0), t).reshape(t, n, n)
     return dh_res, io.coeffs_out(jnp.sum(dhp_parts, axis=0), t), dx, df

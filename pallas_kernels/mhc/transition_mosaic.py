@@ -1,9 +1,10 @@
 """The transition between two mHC layers, Pallas Mosaic GPU backend (Hopper): post-res
 of layer l fused with the projection of layer l+1.
 
-``post_res_proj``: one CTA per (token block, column span of C) pipelines the span in
-64-column chunks. Each step brings the n stream chunks, f's chunk and phi_{l+1}^T's
-chunks of every stream (16-bit hi and lo parts) into shared memory by TMA, builds
+``post_res_proj``: one CTA per (token block, column span of C; see
+``_mosaic_io.span_columns``) pipelines the span in 64-column chunks. Each step brings
+the n stream chunks, f's chunk and phi_{l+1}^T's chunks of every stream (16-bit hi and
+lo parts) into shared memory by TMA, builds
 ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f`` one stream at a time, stores the
 tiles by TMA from double-buffered shared memory and, from the same tiles, accumulates
 ``x_next @ phi_{l+1}`` with wgmma and ``sum(x_next**2)`` in registers. The span's
@@ -30,8 +31,6 @@ from pallas_kernels.mhc._common import phi_parts, transition_op
 
 F32 = jnp.float32
 CHUNK = mapping_mosaic.CHUNK
-SPAN_COLUMNS = 2048  # columns of n*C per CTA at most, as the unfused projection's spans
-SPANS = (512, 256, 128, 64)  # columns of C per CTA: the widest dividing C within the above
 STAGES = (3, 2)  # chunks in flight: the most whose tiles fit
 SMEM_BYTES = 227 * 1024  # shared memory one Hopper CTA may take
 
@@ -42,15 +41,12 @@ def _smem_bytes(n: int, kp: int, stages: int, itemsize: int, f_itemsize: int) ->
     return fixed + stages * stage + 1024  # barriers and alignment
 
 
-def plan(n: int, c: int, kp: int, itemsize: int, f_itemsize: int) -> tuple[int, int] | None:
-    """(span, stages) of the fused kernel, or None where its tiles do not fit."""
+def stages(n: int, c: int, kp: int, itemsize: int, f_itemsize: int) -> int | None:
+    """Chunks in flight in the fused kernel, or None where its tiles do not fit."""
     if c % CHUNK or itemsize != 2:
         return None
-    span = next(s for s in SPANS if c % s == 0 and (s * n <= SPAN_COLUMNS or s == CHUNK))
-    for stages in STAGES:
-        if _smem_bytes(n, kp, stages, itemsize, f_itemsize) <= SMEM_BYTES:
-            return span, stages
-    return None
+    fits = (s for s in STAGES if _smem_bytes(n, kp, s, itemsize, f_itemsize) <= SMEM_BYTES)
+    return next(fits, None)
 
 
 @io.lowered_once("static")
@@ -59,7 +55,8 @@ def post_res_proj(h_res, h_post, x, f, phi, static):
     ``x_next @ phi`` on lanes < K and ``sum(x_next**2)`` on lane K)."""
     t, n, c = x.shape
     k, kp = _coeffs.width(n), _coeffs.packed_width(n, "mosaic_gpu")
-    span, stages = plan(n, c, kp, x.dtype.itemsize, f.dtype.itemsize)
+    span = io.span_columns(t, c, CHUNK)
+    in_flight = stages(n, c, kp, x.dtype.itemsize, f.dtype.itemsize)
     # phi^T's parts as (n, kp, C): one TMA box brings a chunk's columns of every stream
     parts = [p.reshape(kp, n, c).transpose(1, 0, 2) for p in phi_parts(phi, kp, x.dtype)]
     tiles = io.swizzled(CHUNK)
@@ -81,9 +78,8 @@ def post_res_proj(h_res, h_post, x, f, phi, static):
                 slot = lax.rem(idx[0], 2)
                 # this slot's stores, two steps back, have read it (n groups a step)
                 plgpu.wait_smem_to_gmem(n, wait_read_only=True)
-                f_tile = io.load_tile(f_smem)
                 for i in range(n):
-                    acc = io.across(io.load_row(hp_smem.at[i]), CHUNK) * f_tile
+                    acc = io.across(io.load_row(hp_smem.at[i]), CHUNK) * io.load_tile(f_smem)
                     for j in range(n):
                         h = io.across(io.load_row(hr_smem.at[i * n + j]), CHUNK)
                         acc += h * io.load_tile(x_smem[j])
@@ -109,7 +105,7 @@ def post_res_proj(h_res, h_post, x, f, phi, static):
                 step,
                 grid=(span // CHUNK,),
                 in_specs=[chunk] * n + [f_chunk] + [phi_chunk] * len(parts),
-                max_concurrent_steps=stages,
+                max_concurrent_steps=in_flight,
                 init_carry=plgpu.layout_cast(jnp.zeros((io.BT,), F32), io.ROW),
             )(
                 *(x_ref.at[rows, i, span_cols] for i in range(n)),
@@ -150,7 +146,7 @@ _fused = transition_op(mapping_mosaic.RULES, post_res_proj, post_res_mosaic.bwd)
 def fuses(n: int, c: int, dtype, f_dtype) -> bool:
     """Whether ``transition`` runs fused for these streams (else unfused, same kernels)."""
     kp = _coeffs.packed_width(n, "mosaic_gpu")
-    return plan(n, c, kp, jnp.dtype(dtype).itemsize, jnp.dtype(f_dtype).itemsize) is not None
+    return stages(n, c, kp, jnp.dtype(dtype).itemsize, jnp.dtype(f_dtype).itemsize) is not None
 
 
 def transition(h_res, h_post, x, f, phi, bias, alpha, static):
