@@ -226,7 +226,8 @@ def bench(args) -> None:
                         print(f"{t:6d} {c:5d} {name:22s} {impl:10s} FAILED {err!r:.300}")
                         continue
                     times[name, impl] = sec
-                    ratio = times.get((name, "xla"), float("nan")) / sec if impl != "xla" else ""
+                    xla = times.get((name, "xla"))  # blank where xla is not among --impls
+                    ratio = xla / sec if xla is not None and impl != "xla" else ""
                     _row(t, c, name, impl, sec, nbytes, copy_bw, ratio, compile_s)
             del d
 

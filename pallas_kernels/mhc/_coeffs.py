@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mhc_jax.sinkhorn import multiplicative_runs
+from pallas_kernels.mhc.sinkhorn import multiplicative_runs
 
 F32 = jnp.float32
 G_PRE, G_POST, G_RES, G_RMS = 0.0, 1.0, 2.0, 3.0
@@ -111,7 +111,7 @@ def pack_res(rows, info: Info, n: int, base: jax.Array) -> jax.Array:
 # element-wise adds of the rows and row sums reduce only np2(n) lanes, so the 40
 # normalisations per token (and their VJP) need no wide lane reductions. Lanes
 # >= n of each row stay 0; column sums there are replaced by 1. The scheme is
-# mhc_jax.sinkhorn's (exact at every logit scale): iteration 0 in the log domain,
+# ``sinkhorn.sinkhorn_knopp``'s (exact at every logit scale): iteration 0 in the log domain,
 # then multiplicative runs (``multiplicative_runs``), the iterate rebuilt from its
 # log lg between runs.
 
@@ -153,7 +153,7 @@ def _first_iteration(t, info: Info):
     p = tuple(r * inv_col for r in ec)
     lg, m = [], []
     for r in t:
-        r = r - top  # row max before log_col, as in mhc_jax.sinkhorn
+        r = r - top  # row max before log_col, as in ``sinkhorn.sinkhorn_knopp``
         r = r - jnp.max(jnp.where(valid, r, -jnp.inf), axis=1, keepdims=True) - log_col
         e = jnp.where(valid, jnp.exp(r), 0.0)
         s = jnp.sum(e, axis=1, keepdims=True)
@@ -227,7 +227,7 @@ def sinkhorn_vjp(t, g, info: Info, num_iters: int) -> tuple[jax.Array, ...]:
     for a few times the forward arithmetic. The recomputed iterates are bitwise the
     forward ones. The rebuild between runs is the identity in exact arithmetic and
     is differentiated as such; it only restores entries too small to matter (see
-    mhc_jax.sinkhorn), so the result is the exact VJP up to fp32 rounding.
+    ``sinkhorn.sinkhorn_knopp``), so the result is the exact VJP up to fp32 rounding.
     """
     runs = multiplicative_runs(len(t), num_iters)
     starts, p = _run_starts(t, info, runs)

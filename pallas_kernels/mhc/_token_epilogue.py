@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mhc_jax.sinkhorn import multiplicative_runs
+from pallas_kernels.mhc.sinkhorn import multiplicative_runs
 
 Rows = list[list[jax.Array]]  # n x n per-token entries of a res matrix
 
