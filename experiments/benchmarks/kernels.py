@@ -353,8 +353,11 @@ def _grid(tiles, warps=(4,), stages=(2,)):
 
 
 # Candidate (bt, bc, num_warps, num_stages[, span]) for the kernels that do not already
-# stream at about copy bandwidth (the pre and post-res ones do, see --mode kernels).
+# stream at about copy bandwidth (the pre and post-res ones do, see --mode kernels), and
+# post-res's forward over access shapes: its default moves 4 tokens x 512 columns (1 KiB
+# contiguous per row), the Mosaic kernels 64 x 64 tiles (128 bytes per row).
 SWEEP = {
+    "post-res fwd": _grid(((4, 512), (8, 256), (16, 128), (32, 64), (64, 64), (16, 512))),
     "mapping+pre fwd": [
         (bt, bc, w, 3, span)
         for bt, bc, w in ((64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 128, 4), (64, 64, 4))
