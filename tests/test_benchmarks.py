@@ -7,11 +7,15 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments", "benchmarks"))
 
+import access_shape  # noqa: E402
 import copy_ceiling  # noqa: E402
 import scaling  # noqa: E402
 import step_overhead  # noqa: E402
@@ -24,6 +28,30 @@ def test_copy_ceiling_is_the_best_form_at_every_size():
     assert all(r > 0 for r in rates.values())
     form, rate = copy_ceiling.ceiling(rates)
     assert rate == max(rates.values()) and rates[form] == rate
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the interpreter's race record")
+@pytest.mark.parametrize("shape", [(64, 64), (8, 256)])
+def test_access_shape_copy_moves_the_streams_without_races(shape):
+    """Tiles stored straight from their input slots; T = 83 ends in a partial block."""
+    from test_mosaic_kernels import _races_recorded
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((83, 3, 512)), jnp.bfloat16)
+    f = jnp.ones((83, 512), jnp.bfloat16)
+    stages = access_shape.fitting_stages(3, shape, 3)
+    out = jax.jit(lambda x, f: access_shape.stream_copy(x, f, shape, stages, True))(x, f)
+    assert bool(jnp.array_equal(out, x))
+    assert not _races_recorded()
+
+
+def test_access_shape_names_bad_shapes():
+    assert access_shape.parse_shape("16x256") == (16, 256)
+    with pytest.raises(ValueError, match=r"'16by256' must be ROWSxCOLS"):
+        access_shape.parse_shape("16by256")
+    with pytest.raises(ValueError, match=r"'12x256' needs rows a multiple of 8"):
+        access_shape.parse_shape("12x256")
+    with pytest.raises(ValueError, match=r"two stages of 5 tiles"):
+        access_shape.fitting_stages(4, (64, 256), 3)
 
 
 def test_floor_bytes_per_token():

@@ -24,8 +24,9 @@ once (bf16 streams, fp32 coefficients, phi once); a kernel that re-reads x moves
 more. GB/s = those bytes / time; "copy" = that over the measured copy bandwidth.
 ``--mode kernels`` times each Triton kernel of the connection alone (plus the
 standalone pre kernels) with the same byte accounting; ``--mode sweep`` times
-candidate blocks for the mapping kernels (``--sweep NAME ...`` picks some) at
-the first (T, C) and prints the best (for pallas_kernels/mhc/blocks.py);
+candidate blocks for the mapping kernels and access shapes for post-res's forward
+(``--sweep NAME ...`` picks some) at the first (T, C) and prints the best (for
+pallas_kernels/mhc/blocks.py);
 ``--mode tuned`` sweeps, installs the winners for every size and then runs the
 api timings.
 """
