@@ -44,6 +44,20 @@ def test_access_shape_copy_moves_the_streams_without_races(shape):
     assert not _races_recorded()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the interpreter's race record")
+def test_access_shape_sliced_copy_refills_its_ring_without_races():
+    """3 steps of 512 columns through a ring of 2 slots; T = 83 ends in a partial block."""
+    from test_mosaic_kernels import _races_recorded
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((83, 2, 1536)), jnp.bfloat16)
+    f = jnp.ones((83, 1536), jnp.bfloat16)
+    out = jax.jit(lambda x, f: access_shape.sliced_copy(x, f, 2, True))(x, f)
+    assert bool(jnp.array_equal(out, x))
+    assert not _races_recorded()
+    with pytest.raises(ValueError, match=r"C=640 must be a multiple of 512"):
+        access_shape.sliced_copy(x[..., :640], f[:, :640], 2, True)
+
+
 def test_access_shape_names_bad_shapes():
     assert access_shape.parse_shape("16x256") == (16, 256)
     with pytest.raises(ValueError, match=r"'16by256' must be ROWSxCOLS"):
