@@ -339,6 +339,22 @@ def test_column_blocks_fit_the_shared_memory_budgets():
         _mosaic_io.column_block("op", 1024, 40, 4)
 
 
+@pytest.mark.parametrize(
+    "tokens, n, c, dtype, candidates",
+    [(8, 2, 2048, BF16, ((64, 2, 1),)), (16, 3, 96, F32, post_res_mosaic.CANDIDATES)],
+)
+def test_post_res_forward_takes_token_group_tiles(monkeypatch, tokens, n, c, dtype, candidates):
+    """Tiles of 8 tokens (8 boxes of 8 x 64 a tile; 4 steps through 2 input slots and
+    one output buffer, each reused) and, where C = 96 has no whole number of the
+    16-token tiles' chunks, the 64-token ones; T = 83 ends inside a token group."""
+    monkeypatch.setattr(post_res_mosaic, "TILE_TOKENS", tokens)
+    monkeypatch.setattr(post_res_mosaic, "CANDIDATES", candidates)
+    x, f, h_res, h_post, _ = _inputs(_rng("token tiles", n, c), n, c, dtype)
+    got = jax.jit(lambda *a: post_res_mosaic.apply_post_res(*a, STATIC))(h_res, h_post, x, f)
+    assert not _races_recorded()
+    assert _rel(got, reference.apply_post_res(h_res, h_post, x, f)) <= TOL[dtype]
+
+
 def test_post_res_plans_fit_and_pipeline():
     """(chunk, stages, output buffers) at the paper's n and at the widest tiles; spans
     that give 132 SMs a block each and keep >= 4 chunks per block where C has them."""
@@ -352,6 +368,10 @@ def test_post_res_plans_fit_and_pipeline():
     assert _mosaic_io.span_columns(32768, 4096, 64) == 4096  # 512 blocks: whole rows
     assert _mosaic_io.span_columns(8192, 1280, 64) == 640
     assert _mosaic_io.span_columns(83, 4096, 64) == 256  # 2 blocks: 16 spans of 4 chunks
+    # 8-token tiles of 8 chunks where C has them, else taller ones (C = 1280: 16 tokens)
+    wide = post_res_mosaic.plan("f", 8192, 4096, 64 * 10, 64 * 8, coeffs(4), tokens=8)
+    assert (wide.tokens, wide.boxes, wide.chunk, wide.span) == (8, 8, 64, 4096)
+    assert post_res_mosaic.plan("f", 8192, 1280, 64 * 10, 64 * 8, coeffs(4), 8).tokens == 16
     with pytest.raises(UnsupportedInput, match=r"b: C=48 .* multiple of 32"):
         post_res_mosaic.plan("b", 83, 48, 64 * 18, 64 * 10, coeffs(4))
 

@@ -91,12 +91,12 @@ def lowered_once(*static_argnames: str):
     return lambda fn: jax.jit(fn, static_argnames=static_argnames)
 
 
-def span_columns(t: int, c: int, chunk: int) -> int:
-    """Columns of C per block of a kernel gridded over (token block, span) that pipelines
-    its span in ``chunk``-column steps: the widest span that still gives every SM a
-    block, keeping MIN_STEPS chunks per block where C has them (a pipeline needs steps
-    to overlap; each block also pays to fill and drain it)."""
-    chunks, blocks = c // chunk, pl.cdiv(t, BT)
+def span_columns(t: int, c: int, chunk: int, tokens: int = BT) -> int:
+    """Columns of C per block of a kernel gridded over (block of ``tokens`` tokens, span)
+    that pipelines its span in ``chunk``-column steps: the widest span that still gives
+    every SM a block, keeping MIN_STEPS chunks per block where C has them (a pipeline
+    needs steps to overlap; each block also pays to fill and drain it)."""
+    chunks, blocks = c // chunk, pl.cdiv(t, tokens)
     fewest = min(MIN_STEPS, chunks)
     splits = [d for d in range(1, chunks + 1) if chunks % d == 0 and chunks // d >= fewest]
     split = next((d for d in splits if blocks * d >= SMS), splits[-1])

@@ -4,18 +4,21 @@ Forward ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``; backward
 ``dx[j] = sum_i h_res[i, j] dxn[i]``, ``df = sum_i h_post[i] dxn[i]``,
 ``dh_res[i, j] = <dxn[i], x[j]>`` and ``dh_post[i] = <dxn[i], f>``.
 
-Both kernels stream: one block per (64-token block, column span) pipelines its span in
-column chunks (``emit_pipeline``; TMA brings the next chunks' tiles while this one's
-are used), builds each output tile from the shared-memory tiles (loaded once per
-chunk where registers hold them, HOLD_BYTES) and stores it by TMA from a separate
-buffer, so that the stores of one chunk overlap the next chunk's math. The backward
-carries the span's coefficient gradients in registers and leaves them per span,
-summed outside in a fixed order. See ``_mosaic_io`` for the tiles.
+Both kernels stream: one block per (token block, column span) pipelines its span in
+column steps (TMA brings the next steps' tiles while this one's are used), builds
+each output tile from the shared-memory tiles (loaded once per step where registers
+hold them, HOLD_BYTES) and stores it by TMA from a separate buffer, so that the
+stores of one step overlap the next step's math. The forward runs its own ring of
+stages, so that a (64, chunk) tile can hold a token group's consecutive chunks
+(TILE_TOKENS); the backward takes 64-token tiles through ``emit_pipeline``, carries
+the span's coefficient gradients in registers and leaves them per span, summed
+outside in a fixed order. See ``_mosaic_io`` for the tiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,12 @@ CANDIDATES = (
 )  # fmt: skip
 
 
+# Tokens per (64, chunk) tile of the forward. 64: one TMA box per tile, 128-byte rows
+# 2nC bytes apart. Fewer: the tile holds 64 / TILE_TOKENS boxes of (TILE_TOKENS, chunk),
+# one token group's consecutive column chunks, row b * TILE_TOKENS + r holding token
+# r's chunk b, so each step reads 64 / TILE_TOKENS chunks of every token row in a row
+# (NOTES.md, run 18: the access shape may be what keeps the forward under Triton's).
+TILE_TOKENS = 64
 # Operand tiles whose step holds at most this many bytes per token row (n * chunk *
 # itemsize) are loaded from shared memory once per step and widened to fp32 per use;
 # wider ones are loaded per use (registers would spill).
@@ -60,23 +69,36 @@ class Plan:
     span: int
     stages: int
     outs: int
+    tokens: int = io.BT  # per tile (see TILE_TOKENS)
 
     def tiles(self, itemsize: int) -> tuple:
         return io.swizzled(self.chunk, itemsize)
 
+    @property
+    def boxes(self) -> int:
+        """TMA boxes of (tokens, chunk) per (64, chunk) tile."""
+        return io.BT // self.tokens
 
-def plan(name: str, t: int, c: int, in_bytes: int, out_bytes: int, fixed: int) -> Plan:
+
+def plan(
+    name: str, t: int, c: int, in_bytes: int, out_bytes: int, fixed: int, tokens: int = io.BT
+) -> Plan:
     """The first of CANDIDATES whose tiles fit: ``in_bytes`` and ``out_bytes`` are the
     bytes of one column of a step's input and output tiles (all streams, BT tokens),
-    ``fixed`` the kernel's other shared memory.
+    ``fixed`` the kernel's other shared memory; tiles of ``tokens`` tokens where C is a
+    whole number of their io.BT // tokens chunks, else of the fewest more that divide.
 
     Raises:
       UnsupportedInput: C not a multiple of 32, or no candidate fits.
     """
-    for chunk, stages, outs in CANDIDATES:
+    # a C that is not a whole number of the tiles' chunks takes taller tiles (fewer boxes)
+    taller = [tk for tk in (8, 16, 32, io.BT) if tk >= tokens]
+    for (chunk, stages, outs), tile_tokens in itertools.product(CANDIDATES, taller):
         fits = fixed + chunk * (stages * in_bytes + outs * out_bytes) <= SMEM_BYTES
-        if c % 32 == 0 and c % chunk == 0 and fits:
-            return Plan(chunk, io.span_columns(t, c, chunk), stages, outs)
+        width = chunk * (io.BT // tile_tokens)  # columns of C per step
+        if c % 32 == 0 and c % width == 0 and fits:
+            span = io.span_columns(t, c, width, tile_tokens)
+            return Plan(chunk, span, stages, outs, tile_tokens)
     raise UnsupportedInput(
         f"{name}: C={c} with {in_bytes + out_bytes} bytes of tiles per column: the Mosaic GPU "
         f"kernels need C a multiple of 32 and one 32-column step within {SMEM_BYTES} bytes "
@@ -90,9 +112,9 @@ def _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar) -> None:
     plgpu.barrier_wait(bar)
 
 
-def _pipeline(step, p: Plan, specs, refs, init_carry=None):
+def _pipeline(step, p: Plan, specs, refs, init_carry):
     """``step`` over this block's span, ``refs`` (BT, span) views brought in as
-    ``specs``' (itemsize of each) tiles."""
+    ``specs``' (itemsize of each) tiles, with a carry."""
     blocks = [
         plgpu.BlockSpec((io.BT, p.chunk), lambda j: (0, j), transforms=p.tiles(size))
         for size in specs
@@ -106,38 +128,72 @@ def _pipeline(step, p: Plan, specs, refs, init_carry=None):
     )(*refs)
 
 
+def coeff_tiles(h: jax.Array, tokens: int) -> jax.Array:
+    """(T, K) per-token coefficients -> (K, G, BT) fp32 for tiles of ``tokens`` tokens
+    (G groups, zero past T): row b * tokens + r of group g holds token g * tokens + r."""
+    t, k = h.shape
+    groups = pl.cdiv(t, tokens)
+    h = jnp.pad(h.astype(F32), ((0, groups * tokens - t), (0, 0))).reshape(groups, tokens, k)
+    return jnp.tile(h, (1, io.BT // tokens, 1)).transpose(2, 0, 1)
+
+
 @io.lowered_once("static")
 def fwd(h_res, h_post, x, f, static):
     """x_next (T, n, C) in x.dtype."""
     t, n, c = x.shape
     xs, fs = x.dtype.itemsize, f.dtype.itemsize
     coeffs = (n * n + n) * io.BT * 4
-    p = plan("apply_post_res", t, c, io.BT * (n * xs + fs), io.BT * n * xs, coeffs)
+    in_bytes, out_bytes = io.BT * (n * xs + fs), io.BT * n * xs
+    p = plan("apply_post_res", t, c, in_bytes, out_bytes, coeffs, TILE_TOKENS)
+    width = p.chunk * p.boxes  # columns of C per step
+    steps = p.span // width
+    stages = min(p.stages, steps)
 
-    def body(hr_ref, hp_ref, x_ref, f_ref, o_ref, hr_smem, hp_smem, o_smem, bar):
-        rows, s = pl.ds(lax.axis_index("t") * io.BT, io.BT), lax.axis_index("s")
-        _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar)
+    def body(hr_ref, hp_ref, x_ref, f_ref, o_ref, hr_smem, hp_smem, *scratch):
+        x_smem, f_smem, o_smem, loaded, bar = scratch
+        group, s = lax.axis_index("t"), lax.axis_index("s")
+        rows = pl.ds(group * p.tokens, p.tokens)
+        plgpu.copy_gmem_to_smem(hr_ref.at[:, group], hr_smem, bar)
+        plgpu.copy_gmem_to_smem(hp_ref.at[:, group], hp_smem, bar)
+        plgpu.barrier_wait(bar)
+        srcs = [x_ref.at[rows, j] for j in range(n)] + [f_ref.at[rows]]
 
-        def step(idx, *refs):
-            x_smem, f_smem = refs[:n], refs[n]
-            slot = lax.rem(idx[0], p.outs)
-            # this buffer's stores, p.outs steps back (n groups a step), have read it
-            plgpu.wait_smem_to_gmem(n * (p.outs - 1), wait_read_only=True)
-            x_tiles, f_tile = _operands(x_smem, p.chunk), _operands([f_smem], p.chunk)[0]
+        def cols(step, b):  # chunk b of a step's columns
+            return pl.ds(s * p.span + step * width + b * p.chunk, p.chunk)
+
+        def box(tile, b):  # its rows in a (64, chunk) tile
+            return tile.at[pl.ds(b * p.tokens, p.tokens)]
+
+        def fetch(step, slot):
+            dsts = [x_smem.at[slot, j] for j in range(n)] + [f_smem.at[slot]]
+            for src, dst in zip(srcs, dsts, strict=True):
+                for b in range(p.boxes):
+                    plgpu.copy_gmem_to_smem(src.at[:, cols(step, b)], box(dst, b), loaded.at[slot])
+
+        for step in range(stages):
+            fetch(step, step)
+
+        @pl.loop(0, steps)
+        def _(step):
+            slot, out = lax.rem(step, stages), lax.rem(step, p.outs)
+            plgpu.barrier_wait(loaded.at[slot])
+            # this buffer's stores, p.outs steps back (n * boxes groups a step), have read it
+            plgpu.wait_smem_to_gmem(n * p.boxes * (p.outs - 1), wait_read_only=True)
+            x_tiles = _operands([x_smem.at[slot, j] for j in range(n)], p.chunk)
+            f_tile = _operands([f_smem.at[slot]], p.chunk)[0]
             for i in range(n):
                 acc = io.across(io.load_row(hp_smem.at[i]), p.chunk) * f_tile()
                 for j in range(n):
                     h = io.across(io.load_row(hr_smem.at[i * n + j]), p.chunk)
                     acc += h * x_tiles[j]()
-                o_smem[slot, i] = acc.astype(o_smem.dtype)
-            plgpu.commit_smem()  # also orders the pipeline's refill after every load
-            cols = pl.ds(s * p.span + idx[0] * p.chunk, p.chunk)
+                o_smem[out, i] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()  # also orders the slot's refill below after every load
             for i in range(n):
-                plgpu.copy_smem_to_gmem(o_smem.at[slot, i], o_ref.at[rows, i, cols])
+                for b in range(p.boxes):
+                    dst = o_ref.at[rows, i, cols(step, b)]
+                    plgpu.copy_smem_to_gmem(box(o_smem.at[out, i], b), dst)
+            pl.when(step + stages < steps)(lambda: fetch(step + stages, slot))
 
-        span = pl.ds(s * p.span, p.span)
-        refs = [*(x_ref.at[rows, j, span] for j in range(n)), f_ref.at[rows, span]]
-        _pipeline(step, p, [xs] * n + [fs], refs)
         plgpu.wait_smem_to_gmem(0)
 
     return plgpu.kernel(
@@ -147,14 +203,17 @@ def fwd(h_res, h_post, x, f, static):
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
+            io.tile_smem((stages, n, io.BT, p.chunk), x.dtype),
+            io.tile_smem((stages, io.BT, p.chunk), f.dtype),
             io.tile_smem((p.outs, n, io.BT, p.chunk), x.dtype),
+            plgpu.Barrier(num_arrivals=(n + 1) * p.boxes, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2),
         ],
-        grid=(pl.cdiv(t, io.BT), c // p.span),
+        grid=(pl.cdiv(t, p.tokens), c // p.span),
         grid_names=("t", "s"),
         compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
-    )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f)
+    )(coeff_tiles(h_res.reshape(t, n * n), p.tokens), coeff_tiles(h_post, p.tokens), x, f)
 
 
 @io.lowered_once("static")
