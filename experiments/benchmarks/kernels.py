@@ -28,7 +28,8 @@ candidate blocks for the mapping kernels and access shapes for post-res's forwar
 (``--sweep NAME ...`` picks some) at the first (T, C) and prints the best (for
 pallas_kernels/mhc/blocks.py);
 ``--mode tuned`` sweeps, installs the winners for every size and then runs the
-api timings.
+api timings. ``--post_res_tile_tokens`` sets the Mosaic GPU post-res forward's tiles
+(64 tokens, or token groups of 8-32 with consecutive chunks of their rows).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mhc import api, backends, blocks
+from pallas_kernels.mhc import api, backends, blocks, post_res_mosaic
 from pallas_kernels.mhc.context import Context, MappingWeights
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -425,6 +426,13 @@ def main() -> None:
     parser.add_argument(
         "--ops", nargs="+", default=[], help="api mode: ops whose names start so (all)."
     )
+    parser.add_argument(
+        "--post_res_tile_tokens",
+        type=int,
+        choices=(8, 16, 32, 64),
+        default=post_res_mosaic.TILE_TOKENS,
+        help="Tokens per tile of the Mosaic GPU post-res forward (post_res_mosaic.TILE_TOKENS).",
+    )
     parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
     parser.add_argument(
         "--sweep", nargs="*", choices=list(SWEEP), default=[], help="Kernels to sweep (all)."
@@ -432,6 +440,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.reps < 20 and args.mode != "sweep":
         parser.error(f"--reps must be >= 20 for reported timings, got {args.reps}")
+    post_res_mosaic.TILE_TOKENS = args.post_res_tile_tokens
     {"api": bench, "kernels": breakdown, "sweep": sweep, "tuned": tuned}[args.mode](args)
 
 
