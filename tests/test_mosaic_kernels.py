@@ -343,16 +343,23 @@ def test_column_blocks_fit_the_shared_memory_budgets():
     "tokens, n, c, dtype, candidates",
     [(8, 2, 2048, BF16, ((64, 2, 1),)), (16, 3, 96, F32, post_res_mosaic.CANDIDATES)],
 )
-def test_post_res_forward_takes_token_group_tiles(monkeypatch, tokens, n, c, dtype, candidates):
-    """Tiles of 8 tokens (8 boxes of 8 x 64 a tile; 4 steps through 2 input slots and
-    one output buffer, each reused) and, where C = 96 has no whole number of the
-    16-token tiles' chunks, the 64-token ones; T = 83 ends inside a token group."""
+def test_post_res_takes_token_group_tiles(monkeypatch, tokens, n, c, dtype, candidates):
+    """Forward and VJP with tiles of 8 tokens (8 boxes of 8 x 64 a tile; 4 steps
+    through 2 input slots and one output buffer, each reused) and, where C = 96 has
+    no whole number of the 16-token tiles' chunks, the 64-token ones; T = 83 ends
+    inside a token group."""
     monkeypatch.setattr(post_res_mosaic, "TILE_TOKENS", tokens)
     monkeypatch.setattr(post_res_mosaic, "CANDIDATES", candidates)
     x, f, h_res, h_post, _ = _inputs(_rng("token tiles", n, c), n, c, dtype)
-    got = jax.jit(lambda *a: post_res_mosaic.apply_post_res(*a, STATIC))(h_res, h_post, x, f)
+    args = (h_res, h_post, x, f)
+    kernel = lambda *a: post_res_mosaic.apply_post_res(*a, STATIC)  # noqa: E731
+    cot = _rng("cot", "token tiles", n, c)
+    got = _value_and_grads(kernel, args, cot)
     assert not _races_recorded()
-    assert _rel(got, reference.apply_post_res(h_res, h_post, x, f)) <= TOL[dtype]
+    cot = _rng("cot", "token tiles", n, c)
+    want = _value_and_grads(reference.apply_post_res, args, cot, device=CPU)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert _rel(g, w) <= TOL[dtype]
 
 
 def test_post_res_plans_fit_and_pipeline():

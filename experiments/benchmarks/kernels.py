@@ -28,7 +28,7 @@ candidate blocks for the mapping kernels and access shapes for post-res's forwar
 (``--sweep NAME ...`` picks some) at the first (T, C) and prints the best (for
 pallas_kernels/mhc/blocks.py);
 ``--mode tuned`` sweeps, installs the winners for every size and then runs the
-api timings. ``--post_res_tile_tokens`` sets the Mosaic GPU post-res forward's tiles
+api timings. ``--post_res_tile_tokens`` sets the Mosaic GPU post-res kernels' tiles
 (64 tokens, or token groups of 8-32 with consecutive chunks of their rows).
 """
 
@@ -431,7 +431,7 @@ def main() -> None:
         type=int,
         choices=(8, 16, 32, 64),
         default=post_res_mosaic.TILE_TOKENS,
-        help="Tokens per tile of the Mosaic GPU post-res forward (post_res_mosaic.TILE_TOKENS).",
+        help="Tokens per tile of the Mosaic GPU post-res kernels (post_res_mosaic.TILE_TOKENS).",
     )
     parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
     parser.add_argument(

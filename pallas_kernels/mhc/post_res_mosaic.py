@@ -4,15 +4,15 @@ Forward ``x_next[i] = sum_j h_res[i, j] x[j] + h_post[i] f``; backward
 ``dx[j] = sum_i h_res[i, j] dxn[i]``, ``df = sum_i h_post[i] dxn[i]``,
 ``dh_res[i, j] = <dxn[i], x[j]>`` and ``dh_post[i] = <dxn[i], f>``.
 
-Both kernels stream: one block per (token block, column span) pipelines its span in
-column steps (TMA brings the next steps' tiles while this one's are used), builds
-each output tile from the shared-memory tiles (loaded once per step where registers
-hold them, HOLD_BYTES) and stores it by TMA from a separate buffer, so that the
-stores of one step overlap the next step's math. The forward runs its own ring of
-stages, so that a (64, chunk) tile can hold a token group's consecutive chunks
-(TILE_TOKENS); the backward takes 64-token tiles through ``emit_pipeline``, carries
-the span's coefficient gradients in registers and leaves them per span, summed
-outside in a fixed order. See ``_mosaic_io`` for the tiles.
+Both kernels stream: one block per (token group, column span) runs a ring of stages
+over its span's column steps (``_ring``: TMA brings the next steps' tiles while this
+one's are used), builds each output tile from the shared-memory tiles (loaded once
+per step where registers hold them, HOLD_BYTES) and stores it by TMA from a separate
+buffer, so that the stores of one step overlap the next step's math. A (64, chunk)
+tile holds 64 tokens, or a group of TILE_TOKENS tokens' consecutive chunks. The
+backward carries the coefficient gradients of its tile rows in registers and leaves
+them per span; outside they are summed over spans and a token's rows, in a fixed
+order. See ``_mosaic_io`` for the tiles.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ CANDIDATES = (
 )  # fmt: skip
 
 
-# Tokens per (64, chunk) tile of the forward. 64: one TMA box per tile, 128-byte rows
+# Tokens per (64, chunk) tile. 64: one TMA box per tile, 128-byte rows
 # 2nC bytes apart. Fewer: the tile holds 64 / TILE_TOKENS boxes of (TILE_TOKENS, chunk),
 # one token group's consecutive column chunks, row b * TILE_TOKENS + r holding token
 # r's chunk b, so each step reads 64 / TILE_TOKENS chunks of every token row in a row
@@ -70,9 +70,6 @@ class Plan:
     stages: int
     outs: int
     tokens: int = io.BT  # per tile (see TILE_TOKENS)
-
-    def tiles(self, itemsize: int) -> tuple:
-        return io.swizzled(self.chunk, itemsize)
 
     @property
     def boxes(self) -> int:
@@ -106,26 +103,50 @@ def plan(
     )
 
 
-def _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar) -> None:
-    plgpu.copy_gmem_to_smem(hr_ref.at[:, rows], hr_smem, bar)
-    plgpu.copy_gmem_to_smem(hp_ref.at[:, rows], hp_smem, bar)
-    plgpu.barrier_wait(bar)
+def _columns(p: Plan, s, step, b):
+    """Columns of C in chunk b of a step of span s."""
+    return pl.ds(s * p.span + step * p.chunk * p.boxes + b * p.chunk, p.chunk)
 
 
-def _pipeline(step, p: Plan, specs, refs, init_carry):
-    """``step`` over this block's span, ``refs`` (BT, span) views brought in as
-    ``specs``' (itemsize of each) tiles, with a carry."""
-    blocks = [
-        plgpu.BlockSpec((io.BT, p.chunk), lambda j: (0, j), transforms=p.tiles(size))
-        for size in specs
-    ]
-    return plgpu.emit_pipeline(
-        step,
-        grid=(p.span // p.chunk,),
-        in_specs=blocks,
-        max_concurrent_steps=p.stages,
-        init_carry=init_carry,
-    )(*refs)
+def _box(p: Plan, tile, b):
+    """The rows of a (64, chunk) tile that box b fills."""
+    return tile.at[pl.ds(b * p.tokens, p.tokens)]
+
+
+def _store(p: Plan, tile, dst, s, step) -> None:
+    """TMA of a (64, chunk) tile to its step's columns of dst, a (tokens, C) view."""
+    for b in range(p.boxes):
+        plgpu.copy_smem_to_gmem(_box(p, tile, b), dst.at[:, _columns(p, s, step, b)])
+
+
+def _ring(p: Plan, s, stages: int, srcs, slots, loaded, compute, carry=None):
+    """``compute(step, slot, carry) -> carry`` over the span's steps, TMA bringing each
+    step's tiles ``stages`` steps ahead: srcs[k] is a (tokens, C) view whose chunks go
+    to the tile ``slots[k](slot)``; a slot is refilled after ``compute``, which must end
+    with ``commit_smem`` (every thread's reads of the slot done)."""
+    steps = p.span // (p.chunk * p.boxes)
+
+    def fetch(step, slot):
+        for src, tile in zip(srcs, slots, strict=True):
+            for b in range(p.boxes):
+                dst = _box(p, tile(slot), b)
+                plgpu.copy_gmem_to_smem(src.at[:, _columns(p, s, step, b)], dst, loaded.at[slot])
+
+    for step in range(stages):
+        fetch(step, step)
+
+    def body(step, carry):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(loaded.at[slot])
+        carry = compute(step, slot, carry)
+        pl.when(step + stages < steps)(lambda: fetch(step + stages, slot))
+        return carry
+
+    return lax.fori_loop(0, steps, body, carry)
+
+
+def _stages(p: Plan) -> int:
+    return min(p.stages, p.span // (p.chunk * p.boxes))
 
 
 def coeff_tiles(h: jax.Array, tokens: int) -> jax.Array:
@@ -145,9 +166,7 @@ def fwd(h_res, h_post, x, f, static):
     coeffs = (n * n + n) * io.BT * 4
     in_bytes, out_bytes = io.BT * (n * xs + fs), io.BT * n * xs
     p = plan("apply_post_res", t, c, in_bytes, out_bytes, coeffs, TILE_TOKENS)
-    width = p.chunk * p.boxes  # columns of C per step
-    steps = p.span // width
-    stages = min(p.stages, steps)
+    stages = _stages(p)
 
     def body(hr_ref, hp_ref, x_ref, f_ref, o_ref, hr_smem, hp_smem, *scratch):
         x_smem, f_smem, o_smem, loaded, bar = scratch
@@ -156,27 +175,9 @@ def fwd(h_res, h_post, x, f, static):
         plgpu.copy_gmem_to_smem(hr_ref.at[:, group], hr_smem, bar)
         plgpu.copy_gmem_to_smem(hp_ref.at[:, group], hp_smem, bar)
         plgpu.barrier_wait(bar)
-        srcs = [x_ref.at[rows, j] for j in range(n)] + [f_ref.at[rows]]
 
-        def cols(step, b):  # chunk b of a step's columns
-            return pl.ds(s * p.span + step * width + b * p.chunk, p.chunk)
-
-        def box(tile, b):  # its rows in a (64, chunk) tile
-            return tile.at[pl.ds(b * p.tokens, p.tokens)]
-
-        def fetch(step, slot):
-            dsts = [x_smem.at[slot, j] for j in range(n)] + [f_smem.at[slot]]
-            for src, dst in zip(srcs, dsts, strict=True):
-                for b in range(p.boxes):
-                    plgpu.copy_gmem_to_smem(src.at[:, cols(step, b)], box(dst, b), loaded.at[slot])
-
-        for step in range(stages):
-            fetch(step, step)
-
-        @pl.loop(0, steps)
-        def _(step):
-            slot, out = lax.rem(step, stages), lax.rem(step, p.outs)
-            plgpu.barrier_wait(loaded.at[slot])
+        def compute(step, slot, _):
+            out = lax.rem(step, p.outs)
             # this buffer's stores, p.outs steps back (n * boxes groups a step), have read it
             plgpu.wait_smem_to_gmem(n * p.boxes * (p.outs - 1), wait_read_only=True)
             x_tiles = _operands([x_smem.at[slot, j] for j in range(n)], p.chunk)
@@ -187,13 +188,13 @@ def fwd(h_res, h_post, x, f, static):
                     h = io.across(io.load_row(hr_smem.at[i * n + j]), p.chunk)
                     acc += h * x_tiles[j]()
                 o_smem[out, i] = acc.astype(o_smem.dtype)
-            plgpu.commit_smem()  # also orders the slot's refill below after every load
+            plgpu.commit_smem()
             for i in range(n):
-                for b in range(p.boxes):
-                    dst = o_ref.at[rows, i, cols(step, b)]
-                    plgpu.copy_smem_to_gmem(box(o_smem.at[out, i], b), dst)
-            pl.when(step + stages < steps)(lambda: fetch(step + stages, slot))
+                _store(p, o_smem.at[out, i], o_ref.at[rows, i], s, step)
 
+        srcs = [x_ref.at[rows, j] for j in range(n)] + [f_ref.at[rows]]
+        slots = [lambda k, j=j: x_smem.at[k, j] for j in range(n)] + [lambda k: f_smem.at[k]]
+        _ring(p, s, stages, srcs, slots, loaded, compute)
         plgpu.wait_smem_to_gmem(0)
 
     return plgpu.kernel(
@@ -223,25 +224,30 @@ def bwd(h_res, h_post, x, f, dxn, static):
     xs, fs, ds = x.dtype.itemsize, f.dtype.itemsize, dxn.dtype.itemsize
     coeffs = (n * n + n) * io.BT * 4  # the rows in, then their gradients out
     in_bytes, out_bytes = io.BT * (n * xs + fs + n * ds), io.BT * (n * xs + fs)
-    p = plan("apply_post_res backward", t, c, in_bytes, out_bytes, coeffs)
+    p = plan("apply_post_res backward", t, c, in_bytes, out_bytes, coeffs, TILE_TOKENS)
+    stages = _stages(p)
 
     def body(
         hr_ref, hp_ref, x_ref, f_ref, d_ref,  # inputs
         dx_ref, df_ref, dhr_ref, dhp_ref,  # outputs
-        hr_smem, hp_smem, gx_smem, gf_smem, bar,  # scratch
+        hr_smem, hp_smem, x_smem, f_smem, d_smem, gx_smem, gf_smem, loaded, bar,  # scratch
     ):  # fmt: skip
-        rows, s = pl.ds(lax.axis_index("t") * io.BT, io.BT), lax.axis_index("s")
-        _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, rows, bar)
+        group, s = lax.axis_index("t"), lax.axis_index("s")
+        rows = pl.ds(group * p.tokens, p.tokens)
+        plgpu.copy_gmem_to_smem(hr_ref.at[:, group], hr_smem, bar)
+        plgpu.copy_gmem_to_smem(hp_ref.at[:, group], hp_smem, bar)
+        plgpu.barrier_wait(bar)
 
-        def step(idx, *refs):
-            x_smem, f_smem, d_smem, dh = refs[:n], refs[n], refs[n + 1 : 2 * n + 1], refs[-1]
-            slot, dh = lax.rem(idx[0], p.outs), list(dh)
-            plgpu.wait_smem_to_gmem((n + 1) * (p.outs - 1), wait_read_only=True)
+        def compute(step, slot, dh):
+            out, dh = lax.rem(step, p.outs), list(dh)
+            plgpu.wait_smem_to_gmem((n + 1) * p.boxes * (p.outs - 1), wait_read_only=True)
             # (operand tile, its coefficient row for i = 0, row step in i, gradient row
             # for i = 0 in dh (dh_res's n*n rows, then dh_post's n), output tile)
-            operands = [(x_smem[j], hr_smem, j, n, j, gx_smem.at[slot, j]) for j in range(n)]
-            operands.append((f_smem, hp_smem, 0, 1, n * n, gf_smem.at[slot]))
-            d_tiles = _operands(d_smem, p.chunk)
+            operands = [
+                (x_smem.at[slot, j], hr_smem, j, n, j, gx_smem.at[out, j]) for j in range(n)
+            ]
+            operands.append((f_smem.at[slot], hp_smem, 0, 1, n * n, gf_smem.at[out]))
+            d_tiles = _operands([d_smem.at[slot, i] for i in range(n)], p.chunk)
             for src, h_smem, k0, stride, g0, dst in operands:
                 v = io.load_tile(src)
                 grad = None
@@ -252,54 +258,67 @@ def bwd(h_res, h_post, x, f, dxn, static):
                     grad = term if grad is None else grad + term
                 dst[...] = grad.astype(dst.dtype)
             plgpu.commit_smem()
-            cols = pl.ds(s * p.span + idx[0] * p.chunk, p.chunk)
             for j in range(n):
-                plgpu.copy_smem_to_gmem(gx_smem.at[slot, j], dx_ref.at[rows, j, cols])
-            plgpu.copy_smem_to_gmem(gf_smem.at[slot], df_ref.at[rows, cols])
+                _store(p, gx_smem.at[out, j], dx_ref.at[rows, j], s, step)
+            _store(p, gf_smem.at[out], df_ref.at[rows], s, step)
             return tuple(dh)
 
-        span = pl.ds(s * p.span, p.span)
-        refs = [
-            *(x_ref.at[rows, j, span] for j in range(n)),
-            f_ref.at[rows, span],
-            *(d_ref.at[rows, i, span] for i in range(n)),
+        srcs = [
+            *(x_ref.at[rows, j] for j in range(n)),
+            f_ref.at[rows],
+            *(d_ref.at[rows, i] for i in range(n)),
+        ]
+        slots = [
+            *(lambda k, j=j: x_smem.at[k, j] for j in range(n)),
+            lambda k: f_smem.at[k],
+            *(lambda k, i=i: d_smem.at[k, i] for i in range(n)),
         ]
         zero = plgpu.layout_cast(jnp.zeros((io.BT,), F32), io.ROW)
-        dh = _pipeline(step, p, [xs] * n + [fs] + [ds] * n, refs, (zero,) * (n * n + n))
-        # the gradients replace the coefficient rows, read for the last time above
+        dh = _ring(p, s, stages, srcs, slots, loaded, compute, (zero,) * (n * n + n))
+        # per tile row (token r's box b at row b * tokens + r; summed outside): they
+        # replace the coefficient rows, read for the last time above
         for k in range(n * n):
             hr_smem[k] = dh[k]
         for i in range(n):
             hp_smem[i] = dh[n * n + i]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(hr_smem, dhr_ref.at[s, :, rows])
-        plgpu.copy_smem_to_gmem(hp_smem, dhp_ref.at[s, :, rows])
+        plgpu.copy_smem_to_gmem(hr_smem, dhr_ref.at[s, :, group])
+        plgpu.copy_smem_to_gmem(hp_smem, dhp_ref.at[s, :, group])
         plgpu.wait_smem_to_gmem(0)
 
-    t_pad, spans = io.padded_tokens(t), c // p.span
+    groups, spans = pl.cdiv(t, p.tokens), c // p.span
     dx, df, dhr_parts, dhp_parts = plgpu.kernel(
         body,
         kernel_name="mhc_post_res_bwd_mgpu",
         out_type=(
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct(f.shape, f.dtype),
-            jax.ShapeDtypeStruct((spans, n * n, t_pad), F32),
-            jax.ShapeDtypeStruct((spans, n, t_pad), F32),
+            jax.ShapeDtypeStruct((spans, n * n, groups, io.BT), F32),
+            jax.ShapeDtypeStruct((spans, n, groups, io.BT), F32),
         ),
         scratch_types=[
             plgpu.SMEM((n * n, io.BT), F32),
             plgpu.SMEM((n, io.BT), F32),
+            io.tile_smem((stages, n, io.BT, p.chunk), x.dtype),
+            io.tile_smem((stages, io.BT, p.chunk), f.dtype),
+            io.tile_smem((stages, n, io.BT, p.chunk), dxn.dtype),
             io.tile_smem((p.outs, n, io.BT, p.chunk), x.dtype),
             io.tile_smem((p.outs, io.BT, p.chunk), f.dtype),
+            plgpu.Barrier(num_arrivals=(2 * n + 1) * p.boxes, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2),
         ],
-        grid=(pl.cdiv(t, io.BT), spans),
+        grid=(groups, spans),
         grid_names=("t", "s"),
         compiler_params=io.LANE,
         interpret=io.interpret_params(static.interpret),
-    )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f, dxn)
-    dh_res = io.coeffs_out(jnp.sum(dhr_parts, axis=0), t).reshape(t, n, n)
-    return dh_res, io.coeffs_out(jnp.sum(dhp_parts, axis=0), t), dx, df
+    )(coeff_tiles(h_res.reshape(t, n * n), p.tokens), coeff_tiles(h_post, p.tokens), x, f, dxn)
+
+    def per_token(parts):  # (spans, K, G, BT) per tile row -> (T, K), a fixed order
+        k = parts.shape[1]
+        folded = parts.reshape(spans, k, groups, p.boxes, p.tokens).sum(axis=(0, 3))
+        return folded.reshape(k, groups * p.tokens)[:, :t].T
+
+    return per_token(dhr_parts).reshape(t, n, n), per_token(dhp_parts), dx, df
 
 
 apply_post_res = io.aligned(post_res_op(fwd, bwd))
