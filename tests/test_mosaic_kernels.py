@@ -24,6 +24,7 @@ from pallas_kernels.mhc import (
     _mosaic_io,
     _token_epilogue,
     epilogue_mosaic,
+    mapping_cluster_mosaic,
     mapping_mosaic,
     post_res_mosaic,
     pre_mosaic,
@@ -142,6 +143,24 @@ MAPPINGS = [
 def test_mapping_matches_reference(n, c, with_pre, tied):
     """Outputs (layer_input, h_pre, h_post, h_res[, x]) and the cotangents of x, phi,
     bias and alpha; bf16 streams (the Mosaic mapping takes 16-bit streams only)."""
+    _check_mapping(n, c, with_pre, tied)
+
+
+# (n, C, with_pre): clusters of 1 (n = 8: kp = 128), 4, 5 and 8 CTAs
+CLUSTER_MAPPINGS = [(8, 64, True), (2, 256, False), (4, 320, True), (4, 512, True)]
+
+
+@pytest.mark.parametrize("n, c, with_pre", CLUSTER_MAPPINGS)
+def test_cluster_forward_matches_reference(monkeypatch, n, c, with_pre):
+    """The mapping with its forward as one cluster kernel per token block: the CTAs'
+    partials cross through global memory behind a cluster barrier (a missing wait on it
+    is recorded as a race); outputs and cotangents as test_mapping_matches_reference."""
+    monkeypatch.setattr(mapping_mosaic, "FORWARD", "cluster")
+    assert mapping_cluster_mosaic.cluster_size(c) == {64: 1, 256: 4, 320: 5, 512: 8}[c]
+    _check_mapping(n, c, with_pre, False)
+
+
+def _check_mapping(n, c, with_pre, tied):
     args = _mapping_inputs(_rng("mapping", n, c), n, c)
 
     def kernel(*a):
@@ -453,3 +472,24 @@ def test_mapping_lowers_for_cuda(n, lowered_text):
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
     names = ("mapping_proj", "mapping_coef_fwd", "pre_fwd", "mapping_coef_bwd", "pre_dh")
     assert all(f"mhc_{name}_mgpu" in text for name in (*names, "mapping_dx"))
+
+
+@pytest.mark.parametrize("n, c", [(4, 4096), (8, 4096), (4, 1280)])
+def test_cluster_forward_lowers_for_cuda(monkeypatch, n, c, lowered_text):
+    """One kernel forward (clusters of 8, 8 and 5 CTAs; n = 8's kp = 128 partials take
+    two peers per load); the backward's three kernels are the split forward's."""
+    monkeypatch.setattr(mapping_mosaic, "FORWARD", "cluster")
+    args = _mapping_inputs(_rng("lower", n), n, c, t=1024)
+    compiled = Static(interpret=False)
+
+    def fwd(*a):
+        return mapping_mosaic.mapping(*a, compiled, True, True)
+
+    def loss(*a):
+        return sum(jnp.sum(o.astype(F32)) for o in fwd(*a))
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    for fn, calls in ((fwd, 1), (grad, 4)):
+        text = lowered_text(fn, *args, platform="cuda")
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+    assert "mhc_mapping_cluster_fwd_mgpu" in text and "mhc_mapping_proj_mgpu" not in text

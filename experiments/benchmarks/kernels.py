@@ -29,7 +29,9 @@ candidate blocks for the mapping kernels and access shapes for post-res's forwar
 pallas_kernels/mhc/blocks.py);
 ``--mode tuned`` sweeps, installs the winners for every size and then runs the
 api timings. ``--post_res_tile_tokens`` sets the Mosaic GPU post-res kernels' tiles
-(64 tokens, or token groups of 8-32 with consecutive chunks of their rows).
+(64 tokens, or token groups of 8-32 with consecutive chunks of their rows);
+``--mapping_forward cluster`` runs the Mosaic GPU mapping (+ pre) forward as one
+cluster kernel per token block (``mapping_cluster_mosaic``) instead of split kernels.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.mhc import api, backends, blocks, post_res_mosaic
+from pallas_kernels.mhc import api, backends, blocks, mapping_mosaic, post_res_mosaic
 from pallas_kernels.mhc.context import Context, MappingWeights
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -433,6 +435,12 @@ def main() -> None:
         default=post_res_mosaic.TILE_TOKENS,
         help="Tokens per tile of the Mosaic GPU post-res kernels (post_res_mosaic.TILE_TOKENS).",
     )
+    parser.add_argument(
+        "--mapping_forward",
+        choices=mapping_mosaic.FORWARDS,
+        default=mapping_mosaic.FORWARD,
+        help="The Mosaic GPU mapping forward's kernels (mapping_mosaic.FORWARD).",
+    )
     parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
     parser.add_argument(
         "--sweep", nargs="*", choices=list(SWEEP), default=[], help="Kernels to sweep (all)."
@@ -441,6 +449,7 @@ def main() -> None:
     if args.reps < 20 and args.mode != "sweep":
         parser.error(f"--reps must be >= 20 for reported timings, got {args.reps}")
     post_res_mosaic.TILE_TOKENS = args.post_res_tile_tokens
+    mapping_mosaic.FORWARD = args.mapping_forward
     {"api": bench, "kernels": breakdown, "sweep": sweep, "tuned": tuned}[args.mode](args)
 
 

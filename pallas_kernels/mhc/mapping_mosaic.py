@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mhc import _coeffs, epilogue_mosaic, pre_mosaic
+from pallas_kernels.mhc import _coeffs, epilogue_mosaic, mapping_cluster_mosaic, pre_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
 from pallas_kernels.mhc._common import mapping_op, mapping_rules, split
 from pallas_kernels.mhc.backends import UnsupportedInput
@@ -43,6 +43,10 @@ SPANS = (2048, 1024, 512, 256, 128, 64)  # columns per projection block, widest 
 STAGES = 3  # chunks in flight in the projection's pipeline
 DX_MIN_LANES = 64
 DX_STAGES = 2  # token blocks in flight in the dx kernel's pipeline
+# The forward's kernels: "split" (projection, XLA's sum of the spans, the epilogue
+# kernel, the pre) or "cluster" (``mapping_cluster_mosaic``: one kernel, x read once)
+FORWARDS = ("split", "cluster")
+FORWARD = "split"
 
 
 def check_streams(x2, c: int) -> None:
@@ -123,8 +127,16 @@ def fwd(x2, parts, info, *, n, c, static, with_pre, partials=None):
 
     saved holds raw = (x @ phi) / r on lanes < K and r on lane K. ``partials``: the
     projection's per-span partials (spans, T, kp) where another kernel computed them
-    (``transition_mosaic``), else ``proj`` runs here."""
+    (``transition_mosaic``), else the kernels FORWARD names run here."""
     check_streams(x2, c)
+    if FORWARD not in FORWARDS:
+        raise ValueError(f"mapping_mosaic.FORWARD={FORWARD!r}: expected one of {FORWARDS}")
+    if partials is None and FORWARD == "cluster":
+        consts = mapping_cluster_mosaic.constants(info, n)
+        outs = mapping_cluster_mosaic.fwd(
+            x2, parts, consts, n=n, c=c, with_pre=with_pre, static=static
+        )
+        return lax.optimization_barrier(outs)  # see pre_mosaic.fwd: one kernel call per layer
     if partials is None:
         partials = proj(x2, parts, n=n, static=static)
     partials = jnp.sum(partials, axis=0)  # a fixed order
