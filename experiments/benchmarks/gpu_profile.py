@@ -16,10 +16,13 @@ import glob
 import os
 import re
 
+# First match wins: attention before matmul, since cuDNN's attention kernels carry
+# the architecture tag ("cudnn_generated_fort_native_sdpa_sm90_flash_...") that
+# cuBLAS's do.
 CATEGORIES = (
     ("mhc kernels", ("mhc_",)),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
     ("attention", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
     ("copy", ("memcpy", "memset", "copy", "transpose")),
 )
 OTHER = "fusions and other"
