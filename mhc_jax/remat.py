@@ -6,11 +6,14 @@ Each policy wraps groups of consecutive transformer blocks in ``jax.checkpoint``
 - ``none``: everything (no rematerialisation).
 - ``full``: only each block's input streams (n*C per token); all else recomputed.
 - ``save_dots``: each block's input and every matmul output without batch dims
-  (projections, MLP, mHC's ``x @ phi``); elementwise work, norms, attention
-  scores, Sinkhorn and the stream mixing are recomputed.
+  (projections, MLP, mHC's ``x @ phi``), and cuDNN attention's forward outputs
+  (its output and softmax statistics, all its backward needs: without them the
+  backward re-runs the attention forward kernel); elementwise work, norms, XLA
+  attention's scores, Sinkhorn and the stream mixing are recomputed.
 - ``mhc_blocks``: mHC paper §4.3.2 (SPEC §8): groups of L_r consecutive layers
   keep only the group's input streams and each layer's sub-layer output F(.)
-  (named ``branch_out``), plus F's own matmul outputs as in ``save_dots``;
+  (named ``branch_out``), plus F's own matmul and attention outputs as in
+  ``save_dots``;
   everything mHC (mapping, Sinkhorn, pre, post-res, the streams inside the
   group) is recomputed. L_r defaults to round(sqrt(n L / (n + 2))) layers.
 - ``save_connections``: ``save_dots`` plus what every connection computes
@@ -31,6 +34,19 @@ from mhc_jax.connection_modules import BRANCH_OUTPUT, CONNECTION_OUTPUT
 from pallas_kernels.mhc._common import KERNEL_OUTPUT
 
 POLICIES = ("none", "full", "save_dots", "mhc_blocks", "save_connections")
+# The primitive ``jax.nn.dot_product_attention(implementation="cudnn")`` binds for its
+# forward kernel (JAX 0.11-0.12); its outputs are the attention output and the softmax
+# statistics that the backward kernel reads.
+CUDNN_ATTENTION_FWD = "dot_product_attention_fwd_wrapper"
+
+
+def _cudnn_attention_outputs(prim, *_, **__) -> bool:
+    return prim.name == CUDNN_ATTENTION_FWD
+
+
+def _matmuls_and_attention():
+    cp = jax.checkpoint_policies
+    return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, _cudnn_attention_outputs)
 
 
 def checkpoint_policy(name: str):
@@ -41,12 +57,12 @@ def checkpoint_policy(name: str):
     return {
         "none": None,
         "full": cp.nothing_saveable,
-        "save_dots": cp.dots_with_no_batch_dims_saveable,
+        "save_dots": _matmuls_and_attention(),
         "mhc_blocks": cp.save_from_both_policies(
-            cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(BRANCH_OUTPUT)
+            _matmuls_and_attention(), cp.save_only_these_names(BRANCH_OUTPUT)
         ),
         "save_connections": cp.save_from_both_policies(
-            cp.dots_with_no_batch_dims_saveable,
+            _matmuls_and_attention(),
             cp.save_only_these_names(BRANCH_OUTPUT, CONNECTION_OUTPUT, KERNEL_OUTPUT),
         ),
     }[name]
