@@ -103,6 +103,26 @@ def span_columns(t: int, c: int, chunk: int, tokens: int = BT) -> int:
     return c // split
 
 
+def ring(steps: int, stages: int, fetch, loaded, compute, carry=None):
+    """``compute(step, slot, carry) -> carry`` over ``steps``, ``fetch(step, slot)``
+    issuing a step's TMA loads onto barrier ``loaded.at[slot]`` ``stages`` steps ahead
+    (a hand-written ring of stages, where ``emit_pipeline`` cannot express the copies:
+    several boxes into one tile, tiles from strided columns). A slot is refilled after
+    ``compute``, which must end with ``commit_smem`` (every thread's reads of it done)."""
+    stages = min(stages, steps)
+    for step in range(stages):
+        fetch(step, step)
+
+    def body(step, carry):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(loaded.at[slot])
+        carry = compute(step, slot, carry)
+        pl.when(step + stages < steps)(lambda: fetch(step + stages, slot))
+        return carry
+
+    return lax.fori_loop(0, steps, body, carry)
+
+
 def padded_tokens(t: int) -> int:
     """T rounded up to a whole number of token blocks."""
     return -(-t // BT) * BT

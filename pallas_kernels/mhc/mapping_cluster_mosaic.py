@@ -57,24 +57,6 @@ def cluster_size(c: int) -> int:
     return max(d for d in range(1, MAX_CLUSTER + 1) if chunks % d == 0)
 
 
-def _ring(steps: int, stages: int, fetch, loaded, compute, carry):
-    """``compute(step, slot, carry) -> carry`` over ``steps``, ``fetch(step, slot)``
-    issuing each step's TMA loads ``stages`` steps ahead; ``compute`` must end with
-    ``commit_smem`` (every thread's reads of the slot done) before the slot's refill."""
-    stages = min(stages, steps)
-    for step in range(stages):
-        fetch(step, step)
-
-    def body(step, carry):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(loaded.at[slot])
-        carry = compute(step, slot, carry)
-        pl.when(step + stages < steps)(lambda: fetch(step + stages, slot))
-        return carry
-
-    return lax.fori_loop(0, steps, body, carry)
-
-
 def _lanes(kp: int) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, (io.BT, kp), 1, layout=io.TILE)
 
@@ -143,7 +125,7 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
                     return sumsq + jnp.sum(xf * xf, axis=1)
 
                 zero = plgpu.layout_cast(jnp.zeros((io.BT,), F32), io.ROW)
-                sumsq = _ring(n * steps, STAGES, fetch, loaded, compute, zero)
+                sumsq = io.ring(n * steps, STAGES, fetch, loaded, compute, zero)
                 part_smem[...] = jnp.where(lane == k, io.across(sumsq, kp), acc_ref[...])
 
             pl.run_scoped(accumulate, plgpu.ACC((io.BT, kp), F32))
@@ -231,7 +213,7 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
                 plgpu.copy_smem_to_gmem(o_smem.at[out], li_ref.at[rows, cols])
                 return carry
 
-            _ring(steps, PRE_STAGES, fetch, loaded, compute, 0)
+            io.ring(steps, PRE_STAGES, fetch, loaded, compute, 0)
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(

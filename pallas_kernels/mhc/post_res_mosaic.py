@@ -120,11 +120,8 @@ def _store(p: Plan, tile, dst, s, step) -> None:
 
 
 def _ring(p: Plan, s, stages: int, srcs, slots, loaded, compute, carry=None):
-    """``compute(step, slot, carry) -> carry`` over the span's steps, TMA bringing each
-    step's tiles ``stages`` steps ahead: srcs[k] is a (tokens, C) view whose chunks go
-    to the tile ``slots[k](slot)``; a slot is refilled after ``compute``, which must end
-    with ``commit_smem`` (every thread's reads of the slot done)."""
-    steps = p.span // (p.chunk * p.boxes)
+    """``_mosaic_io.ring`` over the span's steps: srcs[k] is a (tokens, C) view whose
+    chunks go to the tile ``slots[k](slot)``."""
 
     def fetch(step, slot):
         for src, tile in zip(srcs, slots, strict=True):
@@ -132,17 +129,7 @@ def _ring(p: Plan, s, stages: int, srcs, slots, loaded, compute, carry=None):
                 dst = _box(p, tile(slot), b)
                 plgpu.copy_gmem_to_smem(src.at[:, _columns(p, s, step, b)], dst, loaded.at[slot])
 
-    for step in range(stages):
-        fetch(step, step)
-
-    def body(step, carry):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(loaded.at[slot])
-        carry = compute(step, slot, carry)
-        pl.when(step + stages < steps)(lambda: fetch(step + stages, slot))
-        return carry
-
-    return lax.fori_loop(0, steps, body, carry)
+    return io.ring(p.span // (p.chunk * p.boxes), stages, fetch, loaded, compute, carry)
 
 
 def _stages(p: Plan) -> int:
