@@ -106,13 +106,33 @@ def phi_parts(phi, kp, dtype):
     return split(phi_t, dtype)
 
 
+class XPass(NamedTuple):
+    """What the mapping backward's x pass takes (``x_bwd``'s arguments): x2 (T, n*C),
+    dy (T, kp) fp32 with c_x on lane K, phi^T's parts, h_pre and dli (or None), dx_in
+    (T, n*C) (or None)."""
+
+    x2: jax.Array
+    dy: jax.Array
+    parts: tuple
+    h_pre: jax.Array | None
+    dli: jax.Array | None
+    dx_in: jax.Array | None
+    n: int
+    c: int
+
+
 class MappingRules(NamedTuple):
     """A backend's mapping op as its custom-VJP rules (``mapping_rules``):
     ``forward(x, phi, bias, alpha, static, with_pre, tied, partials=None) -> (outs,
-    residuals)`` and ``backward(static, with_pre, tied, residuals, cotangents)``."""
+    residuals)`` and ``backward(static, with_pre, tied, residuals, cotangents)``;
+    ``backward`` is ``finish(*x_pass(xp, static))`` for ``(xp, finish) =
+    until_x_pass(static, with_pre, tied, residuals, cotangents)``, so that a caller
+    may run the x pass its own way (``transition_op``'s fused backward)."""
 
     forward: Callable
     backward: Callable
+    until_x_pass: Callable
+    x_pass: Callable
 
 
 def mapping_rules(
@@ -163,7 +183,7 @@ def mapping_rules(
         h_pre = outs[1] if with_pre else None
         return outs, (x, phi, bias, alpha, saved, h_pre)
 
-    def op_bwd(static, with_pre, tied, residuals, g):
+    def until_x_pass(static, with_pre, tied, residuals, g):
         x, phi, bias, alpha, saved, h_pre = residuals
         x2, parts, info, n, c = prepare(x, phi, bias, alpha)
         dx_in = g[-1].reshape(x2.shape) if tied else None
@@ -177,17 +197,31 @@ def mapping_rules(
         if with_pre:
             dcoef = dcoef.at[:, :n].add(pre_grad(x2, dli, n=n, c=c, static=static))
         dy, dt_parts, dtraw_parts = coef_bwd(saved, dcoef, info, n=n, c=c, static=static)
-        dx2, dphi_t = x_bwd(x2, dy, parts, h_pre, dli, dx_in, n=n, c=c, static=static)
-        dtraw = jnp.sum(dtraw_parts, axis=0)
-        dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
-        return (
-            dx2.reshape(x.shape),
-            jnp.sum(dphi_t, axis=0)[:k].T.astype(phi.dtype),
-            jnp.sum(dt_parts, axis=0)[:k].astype(bias.dtype),
-            dalpha.astype(alpha.dtype),
+
+        def finish(dx2, dphi_t):
+            """(dx or None, dphi, dbias, dalpha) from the x pass's dx2 (or None) and
+            dphi^T partials (any leading axis, summed)."""
+            dtraw = jnp.sum(dtraw_parts, axis=0)
+            dalpha = jnp.stack([dtraw[:n].sum(), dtraw[n : 2 * n].sum(), dtraw[2 * n : k].sum()])
+            return (
+                None if dx2 is None else dx2.reshape(x.shape),
+                jnp.sum(dphi_t, axis=0)[:k].T.astype(phi.dtype),
+                jnp.sum(dt_parts, axis=0)[:k].astype(bias.dtype),
+                dalpha.astype(alpha.dtype),
+            )
+
+        return XPass(x2, dy, parts, h_pre, dli, dx_in, n, c), finish
+
+    def x_pass(xp, static):
+        return x_bwd(
+            xp.x2, xp.dy, xp.parts, xp.h_pre, xp.dli, xp.dx_in, n=xp.n, c=xp.c, static=static
         )
 
-    return MappingRules(op_fwd, op_bwd)
+    def op_bwd(static, with_pre, tied, residuals, g):
+        xp, finish = until_x_pass(static, with_pre, tied, residuals, g)
+        return finish(*x_pass(xp, static))
+
+    return MappingRules(op_fwd, op_bwd, until_x_pass, x_pass)
 
 
 def mapping_op(rules: MappingRules) -> Callable:
@@ -268,14 +302,22 @@ def post_res_op(fwd: Callable, bwd: Callable) -> Callable:
     return op
 
 
-def transition_op(rules: MappingRules, fused_fwd: Callable, post_res_bwd: Callable) -> Callable:
+def transition_op(
+    rules: MappingRules,
+    fused_fwd: Callable,
+    post_res_bwd: Callable,
+    fused_bwd: Callable | None = None,
+) -> Callable:
     """``op(h_res, h_post, x, f, phi, bias, alpha, static)`` -> (layer_input, h_pre,
     h_post', h_res', x_next): post-res of one layer (h_res (T, n, n), h_post (T, n),
     x (T, n, C), f (T, C)) then the tied mapping + pre of the next (phi, bias, alpha)
     on x_next, whose projection ``fused_fwd(h_res, h_post, x, f, phi, static) ->
     (x_next, partials)`` computes while it writes x_next. The backward is the two
     ops' backward rules in turn: the mapping's (its dx, with x_next's own cotangent
-    added, is x_next's cotangent), then ``post_res_bwd`` (``post_res_op``'s bwd)."""
+    added, is x_next's cotangent), then ``post_res_bwd`` (``post_res_op``'s bwd);
+    ``fused_bwd(h_res, h_post, x, f, xp, static) -> (dh_res, dh_post, dx, df,
+    dphi_t partials)``, given, replaces the mapping's x pass and post-res's backward
+    where it returns a result (None: it does not take these inputs)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
     def op(h_res, h_post, x, f, phi, bias, alpha, static):
@@ -289,8 +331,14 @@ def transition_op(rules: MappingRules, fused_fwd: Callable, post_res_bwd: Callab
 
     def op_bwd(static, residuals, g):
         (h_res, h_post, x, f), res = residuals
-        dxn, dphi, dbias, dalpha = rules.backward(static, True, True, res, g)
-        dh_res, dh_post, dx, df = post_res_bwd(h_res, h_post, x, f, dxn, static)
+        xp, finish = rules.until_x_pass(static, True, True, res, g)
+        fused = None if fused_bwd is None else fused_bwd(h_res, h_post, x, f, xp, static)
+        if fused is None:
+            dxn, dphi, dbias, dalpha = finish(*rules.x_pass(xp, static))
+            dh_res, dh_post, dx, df = post_res_bwd(h_res, h_post, x, f, dxn, static)
+        else:
+            dh_res, dh_post, dx, df, dphi_t = fused
+            _, dphi, dbias, dalpha = finish(None, dphi_t)
         return dh_res.astype(h_res.dtype), dh_post.astype(h_post.dtype), dx, df, dphi, dbias, dalpha
 
     op.defvjp(op_fwd, op_bwd)

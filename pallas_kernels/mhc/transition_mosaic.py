@@ -12,9 +12,11 @@ partials leave as ``mapping_mosaic.proj``'s do, so the mapping's epilogue and pr
 run unchanged on them: the projection's read of x_next (n (T, C) slabs) is gone.
 
 ``transition`` is the differentiable op (``_common.transition_op``); its backward is the
-mapping's backward kernels, then post-res's. Where the fused kernel's tiles do not fit
-in shared memory (n >= 5, whose kp = 64 phi chunks are too wide), ``transition`` runs
-the two ops unfused, on the same kernels.
+mapping's coefficient kernels, then ``transition_bwd_mosaic``'s fused kernel (the
+mapping's dx pass inside post-res's backward) where it takes the streams (n <= 4),
+else the mapping's x pass and post-res's backward in turn. Where the fused forward's
+tiles do not fit in shared memory (n >= 5, whose kp = 64 phi chunks are too wide),
+``transition`` runs the two ops unfused, on the same kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mhc import _coeffs, mapping_mosaic, post_res_mosaic
+from pallas_kernels.mhc import _coeffs, mapping_mosaic, post_res_mosaic, transition_bwd_mosaic
 from pallas_kernels.mhc import _mosaic_io as io
 from pallas_kernels.mhc._common import phi_parts, transition_op
 
@@ -140,7 +142,9 @@ def post_res_proj(h_res, h_post, x, f, phi, static):
     )(io.coeffs_in(h_res.reshape(t, n * n)), io.coeffs_in(h_post), x, f, *parts)
 
 
-_fused = transition_op(mapping_mosaic.RULES, post_res_proj, post_res_mosaic.bwd)
+_fused = transition_op(
+    mapping_mosaic.RULES, post_res_proj, post_res_mosaic.bwd, transition_bwd_mosaic.fused
+)
 
 
 def fuses(n: int, c: int, dtype, f_dtype) -> bool:
