@@ -1,5 +1,5 @@
 """The mHC mapping (+ pre) forward as one Pallas Mosaic GPU kernel (Hopper): a cluster of
-CTAs per token block splits C (SPEC §7.1, §7.2; the issue's tiling A).
+CTAs per token block splits C (SPEC §7.1, §7.2; "tiling A" in NOTES.md).
 
 A cluster of S CTAs (S <= 8, ``cluster_size``) takes a block of 64 tokens; CTA s owns
 columns [s*cs, (s+1)*cs) of every stream (cs = C / S). In turn, each CTA:
@@ -23,6 +23,10 @@ kernel, then ``pre_mosaic``) reads x twice. The exchange goes through global mem
 (a few KiB per block, L2-resident) rather than distributed shared memory, which the
 interpreter cannot run; the TMA store is complete before the arrive (the barrier
 orders it for the peers' TMA loads after their wait).
+
+Not the default (``mapping_mosaic.FORWARD``): each CTA's exchange and epilogue stall
+its streaming, which costs more than the second read of x saves (NOTES.md, runs 21
+and 23).
 """
 
 from __future__ import annotations
