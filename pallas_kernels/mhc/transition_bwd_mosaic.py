@@ -41,7 +41,7 @@ DY_LANES = 32
 def _smem_bytes(n: int, kd: int, itemsize: int) -> int:
     stage = (4 * n + 2) * io.BT * CHUNK * itemsize + n * kd * CHUNK * itemsize
     outs = OUTS * (n + 1) * io.BT * CHUNK * itemsize
-    rows = (n * n + 3 * n + 1 + n * n + n) * io.BT * 4  # coefficients in, dh out
+    rows = (n * n + 2 * n + 1 + n * n + n) * io.BT * 4  # coefficients in, dh out
     return STAGES * stage + outs + 2 * io.BT * kd * itemsize + rows + 1024
 
 
