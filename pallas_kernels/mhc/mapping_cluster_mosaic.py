@@ -21,8 +21,10 @@ DRAM traffic is x once and layer_input once, where the split forward
 (``mapping_mosaic.fwd``: projection, XLA's sum of the span partials, the epilogue
 kernel, then ``pre_mosaic``) reads x twice. The exchange goes through global memory
 (a few KiB per block, L2-resident) rather than distributed shared memory, which the
-interpreter cannot run; the TMA store is complete before the arrive (the barrier
-orders it for the peers' TMA loads after their wait).
+interpreter cannot run. The TMA store is complete before the arrive and the peers'
+TMA loads come after their wait; no async-proxy fence stands between the barrier and
+those copies, which the PTX memory model leaves borderline (correct in every native
+test so far, NOTES.md run 21).
 
 Not the default (``mapping_mosaic.FORWARD``): each CTA's exchange and epilogue stall
 its streaming, which costs more than the second read of x saves (NOTES.md, runs 21
