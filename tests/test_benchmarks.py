@@ -20,6 +20,11 @@ import copy_ceiling  # noqa: E402
 import scaling  # noqa: E402
 import step_overhead  # noqa: E402
 
+# tests that assert on the Mosaic GPU interpreter's race record (a CPU host only)
+INTERPRETER_ONLY = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the interpreter's race record"
+)
+
 
 def test_copy_ceiling_is_the_best_form_at_every_size():
     rates = copy_ceiling.measure(sizes_mib=(1, 2), reps=2)
@@ -30,7 +35,7 @@ def test_copy_ceiling_is_the_best_form_at_every_size():
     assert rate == max(rates.values()) and rates[form] == rate
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the interpreter's race record")
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("shape", [(64, 64), (8, 256)])
 def test_access_shape_copy_moves_the_streams_without_races(shape):
     """Tiles stored straight from their input slots; T = 83 ends in a partial block."""
@@ -44,7 +49,7 @@ def test_access_shape_copy_moves_the_streams_without_races(shape):
     assert not _races_recorded()
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the interpreter's race record")
+@INTERPRETER_ONLY
 def test_access_shape_sliced_copy_refills_its_ring_without_races():
     """3 steps of 512 columns through a ring of 2 slots; T = 83 ends in a partial block."""
     from test_mosaic_kernels import _races_recorded

@@ -453,11 +453,10 @@ def test_equal_calls_lower_to_one_kernel(lowered_text):
     assert len(re.findall(r"call @\S*fwd\S*\(", text)) == 2
 
 
-@pytest.mark.parametrize("n", [pytest.param(4, marks=pytest.mark.smoke), 8])
-def test_mapping_lowers_for_cuda(n, lowered_text):
-    """Forward: the projection, the coefficient epilogue and the pre; backward adds the
-    epilogue's VJP, the pre's weight gradient and the dx kernel (which also gives dphi)."""
-    args = _mapping_inputs(_rng("lower", n), n, 2048)
+def _lower_mapping(lowered_text, n, c, t, *, fwd_calls, grad_calls) -> str:
+    """Lowers the tied mapping + pre for CUDA, forward then gradient, asserting each
+    one's count of Mosaic GPU custom calls; returns the gradient's text."""
+    args = _mapping_inputs(_rng("lower", n), n, c, t=t)
     compiled = Static(interpret=False)
 
     def fwd(*a):
@@ -467,9 +466,17 @@ def test_mapping_lowers_for_cuda(n, lowered_text):
         return sum(jnp.sum(o.astype(F32)) for o in fwd(*a))
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    for fn, calls in ((fwd, 3), (grad, 6)):
+    for fn, calls in ((fwd, fwd_calls), (grad, grad_calls)):
         text = lowered_text(fn, *args, platform="cuda")
         assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+    return text
+
+
+@pytest.mark.parametrize("n", [pytest.param(4, marks=pytest.mark.smoke), 8])
+def test_mapping_lowers_for_cuda(n, lowered_text):
+    """Forward: the projection, the coefficient epilogue and the pre; backward adds the
+    epilogue's VJP, the pre's weight gradient and the dx kernel (which also gives dphi)."""
+    text = _lower_mapping(lowered_text, n, 2048, T, fwd_calls=3, grad_calls=6)
     names = ("mapping_proj", "mapping_coef_fwd", "pre_fwd", "mapping_coef_bwd", "pre_dh")
     assert all(f"mhc_{name}_mgpu" in text for name in (*names, "mapping_dx"))
 
@@ -479,17 +486,5 @@ def test_cluster_forward_lowers_for_cuda(monkeypatch, n, c, lowered_text):
     """One kernel forward (clusters of 8, 8 and 5 CTAs; n = 8's kp = 128 partials take
     two peers per load); the backward's three kernels are the split forward's."""
     monkeypatch.setattr(mapping_mosaic, "FORWARD", "cluster")
-    args = _mapping_inputs(_rng("lower", n), n, c, t=1024)
-    compiled = Static(interpret=False)
-
-    def fwd(*a):
-        return mapping_mosaic.mapping(*a, compiled, True, True)
-
-    def loss(*a):
-        return sum(jnp.sum(o.astype(F32)) for o in fwd(*a))
-
-    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    for fn, calls in ((fwd, 1), (grad, 4)):
-        text = lowered_text(fn, *args, platform="cuda")
-        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == calls
+    text = _lower_mapping(lowered_text, n, c, 1024, fwd_calls=1, grad_calls=4)
     assert "mhc_mapping_cluster_fwd_mgpu" in text and "mhc_mapping_proj_mgpu" not in text

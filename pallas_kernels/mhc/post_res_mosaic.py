@@ -119,6 +119,13 @@ def _store(p: Plan, tile, dst, s, step) -> None:
         plgpu.copy_smem_to_gmem(_box(p, tile, b), dst.at[:, _columns(p, s, step, b)])
 
 
+def _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, group, bar) -> None:
+    """This token group's h_res and h_post rows (``coeff_tiles``) into shared memory."""
+    plgpu.copy_gmem_to_smem(hr_ref.at[:, group], hr_smem, bar)
+    plgpu.copy_gmem_to_smem(hp_ref.at[:, group], hp_smem, bar)
+    plgpu.barrier_wait(bar)
+
+
 def _ring(p: Plan, s, stages: int, srcs, slots, loaded, compute, carry=None):
     """``_mosaic_io.ring`` over the span's steps: srcs[k] is a (tokens, C) view whose
     chunks go to the tile ``slots[k](slot)``."""
@@ -159,9 +166,7 @@ def fwd(h_res, h_post, x, f, static):
         x_smem, f_smem, o_smem, loaded, bar = scratch
         group, s = lax.axis_index("t"), lax.axis_index("s")
         rows = pl.ds(group * p.tokens, p.tokens)
-        plgpu.copy_gmem_to_smem(hr_ref.at[:, group], hr_smem, bar)
-        plgpu.copy_gmem_to_smem(hp_ref.at[:, group], hp_smem, bar)
-        plgpu.barrier_wait(bar)
+        _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, group, bar)
 
         def compute(step, slot, _):
             out = lax.rem(step, p.outs)
@@ -221,9 +226,7 @@ def bwd(h_res, h_post, x, f, dxn, static):
     ):  # fmt: skip
         group, s = lax.axis_index("t"), lax.axis_index("s")
         rows = pl.ds(group * p.tokens, p.tokens)
-        plgpu.copy_gmem_to_smem(hr_ref.at[:, group], hr_smem, bar)
-        plgpu.copy_gmem_to_smem(hp_ref.at[:, group], hp_smem, bar)
-        plgpu.barrier_wait(bar)
+        _coeff_rows(hr_ref, hp_ref, hr_smem, hp_smem, group, bar)
 
         def compute(step, slot, dh):
             out, dh = lax.rem(step, p.outs), list(dh)
