@@ -167,7 +167,7 @@ def main() -> None:
         info = _coeffs.column_info(4, kpad, jnp.zeros(24), jnp.ones(3))
         proj = jax.jit(lambda x2, parts: split.proj(x2, parts, n=4, static=Static()))
         fwd = jax.jit(
-            lambda x2, parts, info: split.fwd(
+            lambda x2, parts, info, c=c: split.fwd(
                 x2, parts, info, n=4, c=c, with_pre=True, static=Static()
             )
         )
