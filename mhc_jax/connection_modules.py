@@ -29,7 +29,7 @@ from mhc_jax.connections import (
     hc_mappings,
     residual_init_bias,
 )
-from pallas_kernels.mhc import backends
+from pallas_kernels.mhc import backends, variants
 from pallas_kernels.mhc.context import MappingConfig, MappingWeights, Pending
 
 F32 = jnp.float32
@@ -135,8 +135,8 @@ class HyperConnection(nn.Module):
 class ManifoldHyperConnection(nn.Module):
     """mHC (Xie et al.) around one sub-layer (SPEC §4).
 
-    ``phi`` is stored as (n, C, n*n + 2n), the row-major reshape of SPEC's
-    (n*C, n*n + 2n), so that its C axis can be sharded like the streams' C.
+    ``phi`` is stored as (n, C, K), the row-major reshape of SPEC's (n*C, K), so that
+    its C axis can be sharded like the streams' C; K = n*n + 2n (2n + n! for "lite").
 
     Attributes:
       layer_index: sub-layer index k (used by the residual init).
@@ -144,6 +144,10 @@ class ManifoldHyperConnection(nn.Module):
       norm_eps: epsilon of the RMS over the n*C flattened streams.
       init: "residual" (starts as a pre-norm residual network) or "uniform"
         (all biases 0).
+      variant: the coefficient math, "paper" (SPEC §4-5), "deepseek_v4" (DeepSeek-V4's
+        eps terms) or "lite" (mHC-lite: h_res a convex combination of the n!
+        permutations, n <= 4); see ``pallas_kernels.mhc.variants``. The kernels take
+        "paper" and "deepseek_v4"; "lite" runs the mapping on the XLA path.
       alpha_init: init of the three logit scales.
       impl: an mHC implementation (``pallas_kernels.mhc.backends``): "auto" (the
         platform's kernels where they take the input, pure jnp elsewhere), "xla",
@@ -159,6 +163,7 @@ class ManifoldHyperConnection(nn.Module):
     num_iters: int = 20
     norm_eps: float = 1e-6
     init: str = "residual"
+    variant: str = "paper"
     alpha_init: float = 0.01
     impl: str = "auto"
     residual_shard: str = "hidden"
@@ -174,11 +179,12 @@ class ManifoldHyperConnection(nn.Module):
             raise ValueError(
                 f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
             )
-        width = n * n + 2 * n
+        variants.check(self.variant, n, name="ManifoldHyperConnection.variant")
+        width = variants.width(n, self.variant)
         zeros = nn.initializers.zeros_init()
         phi = self.param("phi", _param_init(zeros, ("streams", "embed", "coeffs")), (n, c, width))
         if self.init == "residual":
-            init_bias = lambda *_: residual_init_bias(n, self.layer_index)
+            init_bias = lambda *_: residual_init_bias(n, self.layer_index, self.variant)
         else:
             init_bias = lambda *_: jnp.zeros((width,), F32)
         bias = self.param("bias", _param_init(init_bias, ("coeffs",)))
@@ -190,7 +196,7 @@ class ManifoldHyperConnection(nn.Module):
             impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
         weights = MappingWeights(phi, bias, alpha)
-        config = MappingConfig(self.num_iters, self.norm_eps)
+        config = MappingConfig(self.num_iters, self.norm_eps, self.variant)
         if pending is None:
             layer_input, ctx = partitioned.mhc_pre(x, weights, config, **layout)
         else:

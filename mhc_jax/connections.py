@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.mhc import variants
 from pallas_kernels.mhc.reference import (
     apply_post_res,
     apply_pre,
@@ -33,6 +34,7 @@ from pallas_kernels.mhc.reference import (
 
 __all__ = [
     "MHC_INITS",
+    "MHC_VARIANTS",
     "RESIDUAL_SHARDS",
     "HCDynamicParams",
     "apply_post_res",
@@ -44,10 +46,12 @@ __all__ = [
     "mhc_mappings_and_pre",
     "project_streams",
     "residual_init_bias",
+    "stream_head",
 ]
 
 F32 = jnp.float32
 MHC_INITS = ("residual", "uniform")
+MHC_VARIANTS = variants.VARIANTS  # the coefficient math: "paper", "deepseek_v4", "lite"
 RESIDUAL_SHARDS = ("hidden", "sequence")
 ROUND_ROBIN_EPS = 0.01  # SPEC §4: the off-stream read weight of the residual init.
 RES_DIAGONAL = 0.9  # SPEC §4: h_res diagonal at the residual init.
@@ -116,8 +120,9 @@ def _hc_dynamic(x: jax.Array, dynamic: HCDynamicParams, norm_eps: float):
     )
 
 
-def residual_init_bias(n: int, layer_index: int) -> jax.Array:
-    """mHC bias of ``init="residual"`` (SPEC §4) for layer ``layer_index``: (n*n + 2n,) fp32.
+def residual_init_bias(n: int, layer_index: int, variant: str = "paper") -> jax.Array:
+    """mHC bias of ``init="residual"`` (SPEC §4) for layer ``layer_index``: (K,) fp32,
+    K = ``variants.width(n, variant)``.
 
     h_pre reads stream ``layer_index mod n`` with weight 1-(n-1)eps and the others
     with eps; h_post = 1; h_res has RES_DIAGONAL on its diagonal. At n = 1 the
@@ -127,8 +132,36 @@ def residual_init_bias(n: int, layer_index: int) -> jax.Array:
     p_on = 1.0 - (n - 1) * eps if n > 1 else 1.0 - eps
     on, off = math.log(p_on / (1 - p_on)), math.log(eps / (1 - eps))
     pre = jnp.full((n,), off, F32).at[layer_index % n].set(on)
-    # A constant off-diagonal makes exp(t) doubly stochastic up to scale, so the
-    # diagonal is exactly e^d / (e^d + n - 1) = RES_DIAGONAL after Sinkhorn.
-    d = math.log(RES_DIAGONAL * (n - 1) / (1 - RES_DIAGONAL)) if n > 1 else 0.0
-    res = d * jnp.eye(n, dtype=F32)
-    return jnp.concatenate([pre, jnp.zeros((n,), F32), res.reshape(-1)])
+    res = variants.residual_init_res(n, variant, RES_DIAGONAL)
+    return jnp.concatenate([pre, jnp.zeros((n,), F32), res])
+
+
+def stream_head(
+    x: jax.Array,
+    phi: jax.Array,
+    bias: jax.Array,
+    scale: jax.Array,
+    *,
+    norm_eps: float = 1e-6,
+    eps: float = variants.DEEPSEEK_V4_EPS,
+) -> jax.Array:
+    """DeepSeek-V4's input-dependent collapse of the streams before the final norm
+    (SPEC §2, ``stream_reduce="learned"``): ``sum_i w[i] x[i]`` with
+    ``w = sigmoid(scale * (v @ phi) / rms(v) + bias) + eps``, v the n*C flattened
+    streams and ``rms(v) = sqrt(mean(v**2) + norm_eps)``.
+
+    Args:
+      x: (..., n, C) streams.
+      phi: (n*C, n) projection (V4's ``hc_head_fn`` transposed); bias: (n,) (its
+        ``hc_head_base``); scale: (1,) (its ``hc_head_scale``).
+
+    Returns:
+      (..., C) in x.dtype; the weights are fp32.
+    """
+    n, c = check_streams("stream_head", x)
+    check_shape("stream_head", "phi", phi, (n * c, n))
+    check_shape("stream_head", "bias", bias, (n,))
+    check_shape("stream_head", "scale", scale, (1,))
+    proj, mean_square = project_streams(x, phi)
+    logits = proj * lax.rsqrt(mean_square + norm_eps) * scale.astype(F32) + bias.astype(F32)
+    return apply_pre(jax.nn.sigmoid(logits) + eps, x)

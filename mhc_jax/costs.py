@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from mhc_jax import config as config_lib
 from mhc_jax.model import LM, ModelConfig, count_params
+from pallas_kernels.mhc import variants
 
 
 def abstract_param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -33,7 +34,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     attention = blocks * 2 * 2 * seq_len * c / 2
     layers = 2 * blocks
     if cfg.connection == "mhc":
-        per_layer = 2 * n * c * (n * n + 2 * n) + 2 * n * c + 2 * n * n * c + 2 * n * c
+        width = variants.width(n, cfg.mhc_variant)
+        per_layer = 2 * n * c * width + 2 * n * c + 2 * n * n * c + 2 * n * c
     elif cfg.connection == "hc":
         dyn = 2 * n * c * (n + 2) if cfg.hc_dynamic else 0
         per_layer = dyn + 2 * n * c + 2 * n * n * c + 2 * n * c

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from mhc_jax import connection_modules, partitioned
 from mhc_jax import remat as remat_lib
 from mhc_jax.connection_modules import HyperConnection, ManifoldHyperConnection, Residual
-from mhc_jax.connections import MHC_INITS, RESIDUAL_SHARDS
+from mhc_jax.connections import MHC_INITS, MHC_VARIANTS, RESIDUAL_SHARDS, stream_head
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
 from pallas_kernels.mhc.backends import IMPLS
@@ -55,8 +55,18 @@ class ModelConfig:
       sinkhorn_iters: Sinkhorn-Knopp iterations of mHC.
       mhc_norm_eps: epsilon of mHC's RMS over n*C.
       mhc_init: "residual" | "uniform" (SPEC §4).
+      mhc_variant: the mHC coefficient math: "paper" (SPEC §4-5) | "deepseek_v4"
+        (DeepSeek-V4's eps terms, for parity with its weights) | "lite" (mHC-lite:
+        h_res a softmax-weighted mix of the n! permutation matrices, n <= 4); see
+        ``pallas_kernels.mhc.variants``. The kernels take "paper" and "deepseek_v4";
+        with "lite", impl "auto" runs the mapping on the XLA path, a kernel backend
+        raises.
       mhc_alpha_init: init of mHC's alpha.
-      stream_reduce: "sum" | "mean" | "learned" (sigmoid-weighted sum).
+      stream_reduce: how the streams become one before the final norm: "sum" |
+        "mean" | "learned" (DeepSeek-V4's input-dependent head,
+        ``connections.stream_head``: per token, sigmoid gates from the RMS-scaled
+        flattened streams). The streams start as n copies of the embedding (V4's
+        expand as well).
       scale_output_init: divide the init std of the attention-out and MLP-down
         projections by sqrt(n) (HC's "by a factor of sqrt(n)": we shrink, since
         every stream receives the branch output and the streams are summed).
@@ -99,6 +109,7 @@ class ModelConfig:
     sinkhorn_iters: int = 20
     mhc_norm_eps: float = 1e-6
     mhc_init: str = "residual"
+    mhc_variant: str = "paper"
     mhc_alpha_init: float = 0.01
     stream_reduce: str = "sum"
     scale_output_init: bool = False
@@ -132,6 +143,7 @@ class ModelConfig:
         choices = {
             "connection": CONNECTIONS,
             "mhc_init": MHC_INITS,
+            "mhc_variant": MHC_VARIANTS,
             "stream_reduce": STREAM_REDUCTIONS,
             "dtype": DTYPES,
             "param_dtype": DTYPES,
@@ -161,6 +173,8 @@ class ModelConfig:
                 "'auto', 'xla' or 'pallas' unless dtype is 16-bit and d_model a multiple "
                 "of 64 (the Mosaic GPU kernels)",
             )
+        if self.connection == "mhc" and self.mhc_variant == "lite" and self.n > 4:
+            fail("n", "<= 4 with mhc_variant='lite' (it mixes all n! permutation matrices)")
         if self.connection == "residual" and self.n != 1:
             fail("n", "1 when connection='residual' (use 'hc' or 'mhc' for n > 1)")
         for field in ("mhc_norm_eps", "norm_eps", "init_std", "rope_base"):
@@ -217,6 +231,7 @@ def make_connection(config: ModelConfig, layer_index: int, name: str) -> nn.Modu
         num_iters=config.sinkhorn_iters,
         norm_eps=config.mhc_norm_eps,
         init=config.mhc_init,
+        variant=config.mhc_variant,
         alpha_init=config.mhc_alpha_init,
         impl=config.impl,
         residual_shard=config.residual_shard,
@@ -234,6 +249,7 @@ def defers_post_res(config: ModelConfig) -> bool:
     return (
         config.connection == "mhc"
         and config.mhc_fuse_transitions
+        and config.mhc_variant != "lite"  # no kernels for lite: its mapping runs on XLA
         and not config.scan_layers
         and connection_modules.defers_post_res(config.impl, config.n)
     )
@@ -376,10 +392,15 @@ class LM(nn.Module):
             return jnp.sum(x, axis=-2, dtype=x.dtype)
         if mode == "mean":
             return jnp.mean(x, axis=-2, dtype=x.dtype)
-        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("streams",))
-        logits = self.param("stream_weights", zeros, (x.shape[-2],))
-        w = jax.nn.sigmoid(logits).astype(jnp.float32)
-        return jnp.sum(x.astype(jnp.float32) * w[:, None], axis=-2).astype(x.dtype)
+        n, c = x.shape[-2:]
+        zeros = nn.initializers.zeros_init()
+        axes = ("streams", "embed", "coeffs")
+        phi = self.param("stream_head_phi", nn.with_logical_partitioning(zeros, axes), (n, c, n))
+        bias = self.param("stream_head_bias", zeros, (n,), jnp.float32)
+        scale_init = nn.initializers.constant(self.config.mhc_alpha_init)
+        scale = self.param("stream_head_scale", scale_init, (1,), jnp.float32)
+        phi = phi.reshape(n * c, n)
+        return stream_head(x, phi, bias, scale, norm_eps=self.config.mhc_norm_eps)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
@@ -389,11 +410,11 @@ def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
 
 
 def count_params(params) -> dict[str, int]:
-    """Parameter counts: ``total`` and ``connections`` (connection modules + stream weights)."""
+    """Parameter counts: ``total`` and ``connections`` (connection modules + stream head)."""
     total, conn = 0, 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = [getattr(k, "key", str(k)) for k in path]
         total += leaf.size
-        if any(k.endswith("_conn") or k == "stream_weights" for k in keys):
+        if any(k.endswith("_conn") or k.startswith("stream_head") for k in keys):
             conn += leaf.size
     return {"total": total, "connections": conn}

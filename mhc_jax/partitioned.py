@@ -73,6 +73,7 @@ def _local_pre(x, weights, *, impl, config, c_axis, c_total):
         flat.alpha,
         num_iters=config.num_iters,
         norm_eps=config.norm_eps,
+        variant=config.variant,
     )
     return api.apply_pre(h_pre, x, impl=impl), Context(h_pre, h_post, h_res, x)
 
@@ -90,7 +91,7 @@ def mhc_pre(
 
     Args:
       x: (..., n, C) streams ((B, T, n, C) on a mesh).
-      weights: phi as (n, C, n*n + 2n), so that its C axis shards like the streams'.
+      weights: phi as (n, C, K), so that its C axis shards like the streams'.
       impl: an mHC implementation name (``backends``).
       on_mesh: False runs unpartitioned even under a mesh (used at init).
 

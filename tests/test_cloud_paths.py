@@ -31,6 +31,8 @@ import gcsfs
 import jax
 import numpy as np
 import pytest
+import test_interop
+from etils import epath
 from etils.epath import backend as epath_backend
 from test_sweep_report import report, sweep
 from test_train import (
@@ -45,6 +47,8 @@ from test_train import (
 from mhc_jax import data as data_lib
 from mhc_jax import loop, paths
 from mhc_jax.checkpointing import saved_steps
+from mhc_jax.interop import deepseek_v4
+from mhc_jax.model import ModelConfig, init_params
 
 pytest.importorskip("gcp_storage_emulator")
 pytestmark = pytest.mark.slow
@@ -244,3 +248,18 @@ def test_corrupt_checkpoint_is_moved_aside_on_cloud_storage(gcs):
     assert Checkpointer(str(root)).restore(TARGET).step == 2
     moved = sorted(p.name for p in (root / "unrestorable").iterdir())
     assert len(moved) == 2 and moved[0].startswith("2-") and moved[1] == "README.txt"
+
+
+def test_deepseek_v4_weights_load_from_cloud_storage(gcs, tmp_path):
+    """The V4 loader reads a gs:// directory of safetensors shards as it reads a local one."""
+    cfg = ModelConfig(**test_interop.SMALL, **test_interop.V4)
+    tensors = test_interop._v4_tensors(np.random.default_rng(4), cfg.num_blocks, cfg.n, 32)
+    local = test_interop._write(tmp_path / "v4", tensors)
+    remote = epath.Path(gcs) / "v4"
+    for f in local:
+        (remote / f.name).write_bytes(f.read_bytes())
+    params = init_params(cfg, jax.random.key(0))
+    want = deepseek_v4.load_deepseek_v4(params, tmp_path / "v4", cfg)
+    got = deepseek_v4.load_deepseek_v4(params, str(remote), cfg)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)

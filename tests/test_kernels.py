@@ -408,6 +408,8 @@ LOWER_OPS = {
     "triton": {"mapping": (2, 4), "mapping_and_pre": (3, 6), "pre": (1, 2), "post_res": (1, 2)},
     "tpu": {"mapping": (1, 3), "mapping_and_pre": (1, 4), "pre": (1, 2), "post_res": (1, 2)},
 }
+for _ops in LOWER_OPS.values():  # the coefficient kernels with DeepSeek-V4's Sinkhorn
+    _ops["mapping_deepseek_v4"] = _ops["mapping"]
 
 
 def _lowering_args(backend, op):
@@ -420,6 +422,10 @@ def _lowering_args(backend, op):
     coef = jnp.zeros((t, n)), jnp.zeros((t, n, n))
     return {
         "mapping": (lambda *a: mapping.mapping(*a, static, False), maps),
+        "mapping_deepseek_v4": (
+            lambda *a: mapping.mapping(*a, static._replace(variant="deepseek_v4"), False),
+            maps,
+        ),
         "mapping_and_pre": (lambda *a: mapping.mapping(*a, static, True), maps),
         "pre": (lambda *a: pre.apply_pre(*a, static), (coef[0], x)),
         "post_res": (lambda *a: post_res.apply_post_res(*a, static), (coef[1], coef[0], x, f)),

@@ -453,11 +453,11 @@ def test_equal_calls_lower_to_one_kernel(lowered_text):
     assert len(re.findall(r"call @\S*fwd\S*\(", text)) == 2
 
 
-def _lower_mapping(lowered_text, n, c, t, *, fwd_calls, grad_calls) -> str:
+def _lower_mapping(lowered_text, n, c, t, *, fwd_calls, grad_calls, variant="paper") -> str:
     """Lowers the tied mapping + pre for CUDA, forward then gradient, asserting each
     one's count of Mosaic GPU custom calls; returns the gradient's text."""
     args = _mapping_inputs(_rng("lower", n), n, c, t=t)
-    compiled = Static(interpret=False)
+    compiled = Static(interpret=False, variant=variant)
 
     def fwd(*a):
         return mapping_mosaic.mapping(*a, compiled, True, True)
@@ -479,6 +479,14 @@ def test_mapping_lowers_for_cuda(n, lowered_text):
     text = _lower_mapping(lowered_text, n, 2048, T, fwd_calls=3, grad_calls=6)
     names = ("mapping_proj", "mapping_coef_fwd", "pre_fwd", "mapping_coef_bwd", "pre_dh")
     assert all(f"mhc_{name}_mgpu" in text for name in (*names, "mapping_dx"))
+
+
+def test_deepseek_v4_epilogues_lower_for_cuda(lowered_text):
+    """The coefficient kernels with DeepSeek-V4's Sinkhorn and its VJP (variants.py)."""
+    text = _lower_mapping(
+        lowered_text, 4, 2048, T, fwd_calls=3, grad_calls=6, variant="deepseek_v4"
+    )
+    assert "mhc_mapping_coef_fwd_mgpu" in text and "mhc_mapping_coef_bwd_mgpu" in text
 
 
 @pytest.mark.parametrize("n, c", [(4, 4096), (8, 4096), (4, 1280)])

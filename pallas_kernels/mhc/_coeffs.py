@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.mhc.sinkhorn import multiplicative_runs
+from pallas_kernels.mhc import _sinkhorn_v4
+from pallas_kernels.mhc.sinkhorn import DEEPSEEK_V4_EPS, multiplicative_runs
 
 F32 = jnp.float32
 G_PRE, G_POST, G_RES, G_RMS = 0.0, 1.0, 2.0, 3.0
@@ -258,8 +259,9 @@ def forward_epilogue(
     nc: int,
     num_iters: int,
     norm_eps: float,
+    variant: str = "paper",
 ) -> tuple[jax.Array, jax.Array]:
-    """Coefficients from the projection.
+    """Coefficients from the projection (``variant`` "paper" or "deepseek_v4").
 
     Args:
       acc: (BT, kp) fp32 ``v @ phi`` (zero on lanes >= K).
@@ -274,13 +276,26 @@ def forward_epilogue(
     raw = acc / r
     t = raw * info.alpha + info.bias
     sig = _sigmoid(t)
-    coef = jnp.where(info.group == G_PRE, sig, jnp.where(info.group == G_POST, 2.0 * sig, 0.0))
-    coef = pack_res(sinkhorn(res_rows(t, info, n), info, num_iters), info, n, coef)
+    pre = sig + DEEPSEEK_V4_EPS if variant == "deepseek_v4" else sig
+    coef = jnp.where(info.group == G_PRE, pre, jnp.where(info.group == G_POST, 2.0 * sig, 0.0))
+    if variant == "deepseek_v4":
+        valid = info.row_lane < n
+        res = _sinkhorn_v4.rows_sinkhorn(res_rows(t, info, n), valid, num_iters, DEEPSEEK_V4_EPS)
+    else:
+        res = sinkhorn(res_rows(t, info, n), info, num_iters)
+    coef = pack_res(res, info, n, coef)
     return coef, jnp.where(info.group == G_RMS, r, raw)
 
 
 def backward_epilogue(
-    saved: jax.Array, dcoef: jax.Array, info: Info, *, n: int, nc: int, num_iters: int
+    saved: jax.Array,
+    dcoef: jax.Array,
+    info: Info,
+    *,
+    n: int,
+    nc: int,
+    num_iters: int,
+    variant: str = "paper",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Coefficient backward: cotangents of coef -> cotangent of the projection.
 
@@ -301,7 +316,12 @@ def backward_epilogue(
     sig = _sigmoid(t)
     dsig = dcoef * sig * (1.0 - sig)
     dt = jnp.where(info.group == G_PRE, dsig, jnp.where(info.group == G_POST, 2.0 * dsig, 0.0))
-    dt_res = sinkhorn_vjp(res_rows(t, info, n), res_rows(dcoef, info, n), info, num_iters)
+    t_res, g_res = res_rows(t, info, n), res_rows(dcoef, info, n)
+    if variant == "deepseek_v4":
+        valid = info.row_lane < n
+        dt_res = _sinkhorn_v4.rows_sinkhorn_vjp(t_res, g_res, valid, num_iters, DEEPSEEK_V4_EPS)
+    else:
+        dt_res = sinkhorn_vjp(t_res, g_res, info, num_iters)
     dt = pack_res(dt_res, info, n, dt)
     draw = dt * info.alpha
     # raw = y / r and r = sqrt(sum(v^2)/nc + eps)  =>  dv gets -sum(draw * raw) / (nc r^2) * v.

@@ -97,6 +97,7 @@ class Static(NamedTuple):
     num_iters: int = 20
     norm_eps: float = 1e-6
     interpret: bool = False
+    variant: str = "paper"  # "paper" or "deepseek_v4" (the kernels take no "lite")
 
 
 def phi_parts(phi, kp, dtype):

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.mhc.sinkhorn import multiplicative_runs
+from pallas_kernels.mhc import _sinkhorn_v4
+from pallas_kernels.mhc.sinkhorn import DEEPSEEK_V4_EPS, multiplicative_runs
 
 Rows = list[list[jax.Array]]  # n x n per-token entries of a res matrix
 
@@ -162,8 +163,11 @@ def _res(v: Sequence, n: int) -> Rows:
     return [list(v[2 * n + i * n : 2 * n + (i + 1) * n]) for i in range(n)]
 
 
-def forward(y, sumsq, bias, alpha, *, n: int, nc: int, num_iters: int, norm_eps: float):
-    """Coefficients from the projection of one token set.
+def forward(
+    y, sumsq, bias, alpha, *, n: int, nc: int, num_iters: int, norm_eps: float, variant="paper"
+):
+    """Coefficients from the projection of one token set (``variant`` "paper" or
+    "deepseek_v4").
 
     Args:
       y: K arrays (any one shape), fp32: the projection ``x @ phi``, coefficient k.
@@ -181,11 +185,15 @@ def forward(y, sumsq, bias, alpha, *, n: int, nc: int, num_iters: int, norm_eps:
     t = [v * a + b for v, a, b in zip(raw, alpha, bias)]
     pre = [_sigmoid(v) for v in t[:n]]
     post = [2.0 * _sigmoid(v) for v in t[n : 2 * n]]
-    res = sinkhorn(_res(t, n), num_iters)
+    if variant == "deepseek_v4":
+        pre = [v + DEEPSEEK_V4_EPS for v in pre]
+        res = _sinkhorn_v4.token_sinkhorn(_res(t, n), num_iters, DEEPSEEK_V4_EPS)
+    else:
+        res = sinkhorn(_res(t, n), num_iters)
     return pre + post + [e for row in res for e in row], raw, r
 
 
-def backward(raw, r, dcoef, bias, alpha, *, n: int, nc: int, num_iters: int):
+def backward(raw, r, dcoef, bias, alpha, *, n: int, nc: int, num_iters: int, variant="paper"):
     """The VJP of ``forward`` from its saved (raw, r) and the K coefficient cotangents.
 
     Returns (dy, c_x, dt): dy (K arrays) the cotangent of ``x @ phi``, c_x such that
@@ -198,7 +206,12 @@ def backward(raw, r, dcoef, bias, alpha, *, n: int, nc: int, num_iters: int):
         s = _sigmoid(t[k])
         ds = dcoef[k] * s * (1.0 - s)
         dt.append(ds if k < n else 2.0 * ds)
-    dres = sinkhorn_vjp(_res(t, n), _res(dcoef, n), num_iters)
+    if variant == "deepseek_v4":
+        dres = _sinkhorn_v4.token_sinkhorn_vjp(
+            _res(t, n), _res(dcoef, n), num_iters, DEEPSEEK_V4_EPS
+        )
+    else:
+        dres = sinkhorn_vjp(_res(t, n), _res(dcoef, n), num_iters)
     dt += [e for row in dres for e in row]
     draw = [d * a for d, a in zip(dt, alpha)]
     inv_r = 1.0 / r

@@ -41,6 +41,7 @@ from pallas_kernels.mhc import (
     pre_triton,
     reference,
     transition_mosaic,
+    variants,
 )
 from pallas_kernels.mhc._common import Static
 from pallas_kernels.mhc.backends import (
@@ -122,8 +123,8 @@ def _check(fn: str, name: str, a: jax.Array, shape: tuple) -> None:
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
 
 
-def _check_weights(fn: str, n: int, c: int, phi, bias, alpha) -> None:
-    k = n * n + 2 * n
+def _check_weights(fn: str, n: int, c: int, phi, bias, alpha, variant: str = "paper") -> None:
+    k = variants.width(n, variants.check(variant, n, name=f"{fn}: variant"))
     _check(fn, "phi", phi, (n * c, k))
     _check(fn, "bias", bias, (k,))
     _check(fn, "alpha", alpha, (3,))
@@ -147,25 +148,36 @@ def _stream_dtype(fn: str, x: jax.Array) -> None:
         raise UnsupportedInput(f"{fn}: the kernels take x.dtype in {allowed}, got {x.dtype}")
 
 
-def _mapping(fn, x, phi, bias, alpha, num_iters, norm_eps, impl, with_pre, tied=False):
-    MappingConfig(num_iters, norm_eps)  # validates them
+def _kernel_variant(fn: str, variant: str) -> str:
+    if variant == "lite":
+        raise UnsupportedInput(
+            f"{fn}: the kernels implement the mapping variants 'paper' and 'deepseek_v4', "
+            f"not {variant!r}; use impl='xla' (or 'auto', which falls back to it)"
+        )
+    return variant
+
+
+def _mapping(fn, x, phi, bias, alpha, config, impl, with_pre, tied=False):
+    num_iters, norm_eps, variant = config.num_iters, config.norm_eps, config.variant
     batch, n, c = _streams(fn, x)
-    _check_weights(fn, n, c, phi, bias, alpha)
+    _check_weights(fn, n, c, phi, bias, alpha, variant)
 
     def call(backend, x, phi, bias, alpha):
         if backend == Impl.XLA:
-            kw = dict(num_iters=num_iters, norm_eps=norm_eps)
+            kw = dict(num_iters=num_iters, norm_eps=norm_eps, variant=variant)
             if not with_pre:
                 return reference.mhc_mappings(x, phi, bias, alpha, **kw)
             outs = reference.mhc_mappings_and_pre(x, phi, bias, alpha, **kw)
             return (*outs, x) if tied else outs
         (mapping, _, _), static = _kernels(backend, fn, n)
         _stream_dtype(fn, x)
-        static = static._replace(num_iters=num_iters, norm_eps=float(norm_eps))
+        static = static._replace(
+            num_iters=num_iters, norm_eps=float(norm_eps), variant=_kernel_variant(fn, variant)
+        )
         outs = mapping.mapping(x.reshape(-1, n, c), phi, bias, alpha, static, with_pre, tied)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
 
-    statics = (num_iters, float(norm_eps), with_pre, tied)
+    statics = (num_iters, float(norm_eps), variant, with_pre, tied)
     return _dispatch(fn, "mapping", impl, call, (x, phi, bias, alpha), statics)
 
 
@@ -177,18 +189,22 @@ def mhc_mappings(
     *,
     num_iters: int = 20,
     norm_eps: float = 1e-6,
+    variant: str = "paper",
     impl: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """mHC coefficients (SPEC §4).
 
     Args:
-      x: (..., n, C) streams; phi: (n*C, n*n + 2n) fp32, columns [pre | post | res
-        row-major]; bias: (n*n + 2n,); alpha: (3,).
+      x: (..., n, C) streams; phi: (n*C, K) fp32, columns [pre | post | res
+        row-major], K = n*n + 2n (2n + n! for variant "lite"); bias: (K,); alpha: (3,).
+      variant: "paper", "deepseek_v4" or "lite" (``variants``); the kernels take
+        the first two.
 
     Returns:
       h_pre (..., n), h_post (..., n), h_res (..., n, n), fp32.
     """
-    return _mapping("mhc_mappings", x, phi, bias, alpha, num_iters, norm_eps, impl, False)
+    config = MappingConfig(num_iters, norm_eps, variant)
+    return _mapping("mhc_mappings", x, phi, bias, alpha, config, impl, False)
 
 
 def mhc_mappings_and_pre(
@@ -199,6 +215,7 @@ def mhc_mappings_and_pre(
     *,
     num_iters: int = 20,
     norm_eps: float = 1e-6,
+    variant: str = "paper",
     tied_streams: bool = False,
     impl: str = "xla",
 ) -> tuple[jax.Array, ...]:
@@ -213,7 +230,8 @@ def mhc_mappings_and_pre(
       added inside this op's backward kernel, while it writes dx, instead of in
       a separate pass over three (..., n, C) arrays.
     """
-    args = (x, phi, bias, alpha, num_iters, norm_eps, impl, True, tied_streams)
+    config = MappingConfig(num_iters, norm_eps, variant)
+    args = (x, phi, bias, alpha, config, impl, True, tied_streams)
     return _mapping("mhc_mappings_and_pre", *args)
 
 
@@ -273,6 +291,7 @@ def pre(
         *weights,
         num_iters=config.num_iters,
         norm_eps=config.norm_eps,
+        variant=config.variant,
         tied_streams=True,
         impl=impl,
     )
@@ -303,17 +322,21 @@ def transition(
     x = ctx.streams
     batch, n, c = _streams("transition", x)
     _check_post_res("transition", batch, n, c, ctx.h_res, ctx.h_post, f)
-    _check_weights("transition", n, c, *weights)
+    _check_weights("transition", n, c, *weights, config.variant)
     t = math.prod(batch)
 
     def call(backend, h_res, h_post, x, f, phi, bias, alpha):
         if backend == Impl.XLA:
             x_next = reference.apply_post_res(h_res, h_post, x, f)
-            kw = dict(num_iters=config.num_iters, norm_eps=config.norm_eps)
+            kw = dict(num_iters=config.num_iters, norm_eps=config.norm_eps, variant=config.variant)
             return (*reference.mhc_mappings_and_pre(x_next, phi, bias, alpha, **kw), x_next)
         (mapping, _, post_res), static = _kernels(backend, "transition", n)
         _stream_dtype("transition", x)
-        static = static._replace(num_iters=config.num_iters, norm_eps=float(config.norm_eps))
+        static = static._replace(
+            num_iters=config.num_iters,
+            norm_eps=float(config.norm_eps),
+            variant=_kernel_variant("transition", config.variant),
+        )
         args = (h_res.reshape(t, n, n), h_post.reshape(t, n), x.reshape(t, n, c), f.reshape(t, c))
         if backend.kernels == "mosaic_gpu":
             outs = transition_mosaic.transition(*args, phi, bias, alpha, static)
@@ -323,7 +346,7 @@ def transition(
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
 
     args = (ctx.h_res, ctx.h_post, x, f, *weights)
-    statics = (config.num_iters, float(config.norm_eps))
+    statics = (config.num_iters, float(config.norm_eps), config.variant)
     li, h_pre, h_post, h_res, x_next = _dispatch(
         "transition", "transition", impl, call, args, statics
     )

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import jax
 
+from pallas_kernels.mhc import variants
+
 
 class MappingWeights(NamedTuple):
     """One mHC layer's mapping parameters (SPEC §4), fp32.
@@ -24,16 +26,19 @@ class MappingWeights(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class MappingConfig:
-    """Static settings of the mapping: Sinkhorn iterations, the RMS epsilon over n*C."""
+    """Static settings of the mapping: Sinkhorn iterations, the RMS epsilon over n*C, and
+    the variant of the coefficient math (``variants``: "paper", "deepseek_v4", "lite")."""
 
     num_iters: int = 20
     norm_eps: float = 1e-6
+    variant: str = "paper"
 
     def __post_init__(self):
         if not isinstance(self.num_iters, int) or self.num_iters < 1:
             raise ValueError(f"num_iters must be an integer >= 1, got {self.num_iters!r}")
         if not self.norm_eps >= 0:
             raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps!r}")
+        variants.check(self.variant)
 
 
 class Context(NamedTuple):

@@ -118,6 +118,7 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
             nc=nc,
             num_iters=static.num_iters,
             norm_eps=static.norm_eps,
+            variant=static.variant,
         )
         return coef, [*raw, r]
 
@@ -140,7 +141,15 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
 
     def math(saved, dcoef, bias, alpha):
         dy, c_x, dt = _token_epilogue.backward(
-            saved[:k], saved[k], dcoef, bias, alpha, n=n, nc=nc, num_iters=static.num_iters
+            saved[:k],
+            saved[k],
+            dcoef,
+            bias,
+            alpha,
+            n=n,
+            nc=nc,
+            num_iters=static.num_iters,
+            variant=static.variant,
         )
         return [*dy, c_x], dt, [d * v for d, v in zip(dt, saved[:k])]
 

@@ -173,6 +173,7 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
                 n=n,
                 nc=n * c,
                 num_iters=static.num_iters,
+                variant=static.variant,
                 norm_eps=static.norm_eps,
             )
 

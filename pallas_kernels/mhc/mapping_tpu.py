@@ -36,7 +36,7 @@ def _info(info_ref, n):
     return _coeffs.load_info(lambda r: info_ref[r : r + 1, :], _tpu_io.lane_index, n)
 
 
-def _fwd_kernel(x_ref, *refs, n, c, nparts, num_iters, norm_eps, with_pre):
+def _fwd_kernel(x_ref, *refs, n, c, nparts, num_iters, norm_eps, variant, with_pre):
     parts, info_ref, coef_ref, saved_ref = refs[:nparts], *refs[nparts : nparts + 3]
     bt, kp = coef_ref.shape
     info = _info(info_ref, n)
@@ -49,7 +49,7 @@ def _fwd_kernel(x_ref, *refs, n, c, nparts, num_iters, norm_eps, with_pre):
             xf = xb.astype(F32)
             sumsq = sumsq + jnp.sum(xf * xf, axis=1, keepdims=True)
     coef, saved = _coeffs.forward_epilogue(
-        acc, sumsq, info, n=n, nc=n * c, num_iters=num_iters, norm_eps=norm_eps
+        acc, sumsq, info, n=n, nc=n * c, num_iters=num_iters, norm_eps=norm_eps, variant=variant
     )
     coef_ref[...] = coef
     saved_ref[...] = saved
@@ -75,6 +75,7 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
         nparts=len(parts),
         num_iters=static.num_iters,
         norm_eps=static.norm_eps,
+        variant=static.variant,
         with_pre=with_pre,
     )
     res = pl.pallas_call(
@@ -93,7 +94,7 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
 
 
 def _coef_bwd_kernel(
-    saved_ref, dcoef_ref, info_ref, dy_ref, dt_ref, dtraw_ref, *, n, c, t, num_iters
+    saved_ref, dcoef_ref, info_ref, dy_ref, dt_ref, dtraw_ref, *, n, c, t, num_iters, variant
 ):
     bt = saved_ref.shape[0]
     ok = _tpu_io.valid_rows(bt, t)
@@ -101,7 +102,7 @@ def _coef_bwd_kernel(
     saved = jnp.where(ok, saved_ref[...], 1.0)
     dcoef = jnp.where(ok, dcoef_ref[...], 0.0)
     dy, dt, dtraw = _coeffs.backward_epilogue(
-        saved, dcoef, info, n=n, nc=n * c, num_iters=num_iters
+        saved, dcoef, info, n=n, nc=n * c, num_iters=num_iters, variant=variant
     )
     dy_ref[...] = dy
     for ref, val in ((dt_ref, dt), (dtraw_ref, dtraw)):
@@ -114,7 +115,9 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     t, kp = saved.shape
     rows = _tpu_io.row_bytes(saved, dcoef, saved)
     bt, grid, params = _tpu_io.plan(t, rows, _tpu_io.const_bytes(info), "mapping coef bwd")
-    kernel = functools.partial(_coef_bwd_kernel, n=n, c=c, t=t, num_iters=static.num_iters)
+    kernel = functools.partial(
+        _coef_bwd_kernel, n=n, c=c, t=t, num_iters=static.num_iters, variant=static.variant
+    )
     dy, dt, dtraw = pl.pallas_call(
         kernel,
         grid=grid,

@@ -71,7 +71,7 @@ def _proj_kernel(x_ref, *refs, n, nparts, bt, bc, span):
 
 
 def _coef_fwd_kernel(
-    part_ref, info_ref, coef_ref, saved_ref, *, n, nc, spans, bt, num_iters, norm_eps
+    part_ref, info_ref, coef_ref, saved_ref, *, n, nc, spans, bt, num_iters, norm_eps, variant
 ):
     t = coef_ref.shape[0]
     t0 = pl.program_id(0) * bt
@@ -89,6 +89,7 @@ def _coef_fwd_kernel(
         nc=nc,
         num_iters=num_iters,
         norm_eps=norm_eps,
+        variant=variant,
     )
     plgpu.store(coef_ref.at[pl.ds(t0, bt), :], coef, mask=rows)
     plgpu.store(saved_ref.at[pl.ds(t0, bt), :], saved, mask=rows)
@@ -125,6 +126,7 @@ def coef_fwd(partials, info, *, n, c, static):
         bt=blk.bt,
         num_iters=static.num_iters,
         norm_eps=static.norm_eps,
+        variant=static.variant,
     )
     return pl.pallas_call(
         kernel,
@@ -154,7 +156,7 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
 
 
 def _coef_bwd_kernel(
-    saved_ref, dcoef_ref, info_ref, dy_ref, dt_ref, dtraw_ref, *, n, c, bt, num_iters
+    saved_ref, dcoef_ref, info_ref, dy_ref, dt_ref, dtraw_ref, *, n, c, bt, num_iters, variant
 ):
     pid = pl.program_id(0)
     t0 = pid * bt
@@ -163,7 +165,7 @@ def _coef_bwd_kernel(
     saved = plgpu.load(saved_ref.at[pl.ds(t0, bt), :], mask=rows, other=1.0)
     dcoef = plgpu.load(dcoef_ref.at[pl.ds(t0, bt), :], mask=rows, other=0.0)
     dy, dt, dtraw = _coeffs.backward_epilogue(
-        saved, dcoef, info, n=n, nc=n * c, num_iters=num_iters
+        saved, dcoef, info, n=n, nc=n * c, num_iters=num_iters, variant=variant
     )
     plgpu.store(dy_ref.at[pl.ds(t0, bt), :], dy, mask=rows)
     for ref, val in ((dt_ref, dt), (dtraw_ref, dtraw)):
@@ -175,7 +177,9 @@ def coef_bwd(saved, dcoef, info, *, n, c, static):
     t, kp = saved.shape
     blk = blocks.triton_mapping_coef_bwd(t, kp)
     nb = pl.cdiv(t, blk.bt)
-    kernel = functools.partial(_coef_bwd_kernel, n=n, c=c, bt=blk.bt, num_iters=static.num_iters)
+    kernel = functools.partial(
+        _coef_bwd_kernel, n=n, c=c, bt=blk.bt, num_iters=static.num_iters, variant=static.variant
+    )
     return pl.pallas_call(
         kernel,
         grid=(nb,),

@@ -13,11 +13,10 @@ not take; tests contrast it).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.mhc import variants
 from pallas_kernels.mhc.sinkhorn import sinkhorn_knopp
 
 F32 = jnp.float32
@@ -44,28 +43,33 @@ def mhc_mappings(
     *,
     num_iters: int = 20,
     norm_eps: float = 1e-6,
+    variant: str = "paper",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """mHC coefficients of SPEC §4.
 
     Args:
       x: (..., n, C) streams, any float dtype (bf16 in the paper).
-      phi: (n*C, n*n + 2n) projection, columns [pre | post | res row-major].
-      bias: (n*n + 2n,) biases in the same column order.
+      phi: (n*C, K) projection, columns [pre | post | res row-major]; K = n*n + 2n
+        (2n + n! for variant "lite": ``variants.width``).
+      bias: (K,) biases in the same column order.
       alpha: (3,) scales of the pre, post and res logits.
       num_iters: Sinkhorn iterations.
       norm_eps: added to the mean square before the square root.
+      variant: "paper", "deepseek_v4" or "lite" (``variants``).
 
     Returns:
       h_pre (..., n) in (0, 1), h_post (..., n) in (0, 2), h_res (..., n, n)
       doubly stochastic; all fp32.
     """
     n, c = check_streams("mhc_mappings", x)
-    width = n * n + 2 * n
+    width = variants.width(n, variants.check(variant, n))
     check_shape("mhc_mappings", "phi", phi, (n * c, width))
     check_shape("mhc_mappings", "bias", bias, (width,))
     check_shape("mhc_mappings", "alpha", alpha, (3,))
     proj, mean_square = project_streams(x, phi)
-    return mhc_coefficients(proj, mean_square, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+    return mhc_coefficients(
+        proj, mean_square, bias, alpha, num_iters=num_iters, norm_eps=norm_eps, variant=variant
+    )
 
 
 def mhc_mappings_and_pre(
@@ -76,10 +80,12 @@ def mhc_mappings_and_pre(
     *,
     num_iters: int = 20,
     norm_eps: float = 1e-6,
+    variant: str = "paper",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``mhc_mappings`` then ``apply_pre``: (layer_input (..., C) in x.dtype, h_pre,
     h_post, h_res); the unfused counterpart of the fused kernel."""
-    h_pre, h_post, h_res = mhc_mappings(x, phi, bias, alpha, num_iters=num_iters, norm_eps=norm_eps)
+    kw = dict(num_iters=num_iters, norm_eps=norm_eps, variant=variant)
+    h_pre, h_post, h_res = mhc_mappings(x, phi, bias, alpha, **kw)
     return apply_pre(h_pre, x), h_pre, h_post, h_res
 
 
@@ -106,6 +112,7 @@ def mhc_coefficients(
     *,
     num_iters: int = 20,
     norm_eps: float = 1e-6,
+    variant: str = "paper",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The second half of ``mhc_mappings``: from ``v @ phi`` and ``mean(v**2)`` to h_*.
 
@@ -113,24 +120,22 @@ def mhc_coefficients(
     sums of squares over C shards before it (see ``mhc_jax.partitioned``).
 
     Args:
-      proj: (..., n*n + 2n) fp32 projection ``v @ phi``.
+      proj: (..., K) fp32 projection ``v @ phi``.
       mean_square: (..., 1) fp32 mean of ``v**2`` over all n*C values.
-      bias, alpha, num_iters, norm_eps: as in ``mhc_mappings``.
+      bias, alpha, num_iters, norm_eps, variant: as in ``mhc_mappings``.
     """
-    width = proj.shape[-1]
-    n = math.isqrt(width + 1) - 1
-    if n * n + 2 * n != width:
-        raise ValueError(f"mhc_coefficients: proj width must be n*n + 2n, got {width}")
+    variants.check(variant)
+    try:
+        n = variants.streams_of_width(proj.shape[-1], variant)
+    except ValueError as e:
+        raise ValueError(f"mhc_coefficients: proj: {e}") from None
+    variants.check(variant, n)
     raw = proj / jnp.sqrt(mean_square + norm_eps)
     alpha = alpha.astype(F32)
-    scale = jnp.concatenate(
-        [jnp.full((n,), alpha[0]), jnp.full((n,), alpha[1]), jnp.full((n * n,), alpha[2])]
-    )
+    groups = (n, n, variants.res_width(n, variant))
+    scale = jnp.concatenate([jnp.full((w,), alpha[g]) for g, w in enumerate(groups)])
     t = raw * scale + bias.astype(F32)
-    h_pre = jax.nn.sigmoid(t[..., :n])
-    h_post = 2.0 * jax.nn.sigmoid(t[..., n : 2 * n])
-    h_res = sinkhorn_knopp(t[..., 2 * n :].reshape(*t.shape[:-1], n, n), num_iters)
-    return h_pre, h_post, h_res
+    return variants.coefficients(t, n, variant, num_iters)
 
 
 def apply_pre(h_pre: jax.Array, x: jax.Array) -> jax.Array:

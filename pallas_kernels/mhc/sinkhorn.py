@@ -116,26 +116,70 @@ def _sinkhorn_bwd(num_iters, eps, logits, g):
 _sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
-def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0) -> jax.Array:
+# DeepSeek-V4's Sinkhorn (``variant="deepseek_v4"``), in this project's orientation: V4
+# contracts the first index of its comb in the post step, so its comb is our h_res
+# transposed, and its row softmax and row sums are our column ones. V4 then runs
+# softmax(.) + eps, a row normalisation, and num_iters - 1 (column, row) pairs, each
+# divisor a sum plus eps: the paper's order (columns first, rows last) with eps terms.
+# The eps floor keeps every entry >= ~eps / n, so the plain loop is exact enough here.
+
+
+def _deepseek_v4_loop(logits: jax.Array, num_iters: int, eps: float) -> jax.Array:
+    m = jax.nn.softmax(logits.astype(_compute_dtype(logits.dtype)), axis=-2) + eps
+    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+    for _ in range(num_iters - 1):
+        m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+        m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+    return m
+
+
+# The residual is the logits alone, as for the paper's loop: the backward recomputes.
+_deepseek_v4 = jax.custom_vjp(_deepseek_v4_loop, nondiff_argnums=(1, 2))
+_deepseek_v4.defvjp(
+    lambda logits, num_iters, eps: (_deepseek_v4_loop(logits, num_iters, eps), logits),
+    lambda num_iters, eps, logits, g: jax.vjp(
+        lambda t: _deepseek_v4_loop(t, num_iters, eps), logits
+    )[1](g),
+)
+
+SINKHORN_VARIANTS = ("paper", "deepseek_v4")
+DEEPSEEK_V4_EPS = 1e-6  # V4's hc_eps
+
+
+def sinkhorn_knopp(
+    logits: jax.Array, num_iters: int = 20, eps: float | None = None, *, variant: str = "paper"
+) -> jax.Array:
     """Projects ``exp(logits)`` towards the doubly stochastic matrices (SPEC §5).
 
     Args:
       logits: (..., n, n) float array, any leading batch shape, any float dtype;
         any finite values (the result does not depend on their scale's range).
       num_iters: number of (column, row) normalisation pairs, >= 1.
-      eps: added to the column and row sums of iterations 2..num_iters, which
-        lie in [1/n^2, n], as a guard; 0 (the default) is the SPEC loop. The
-        first iteration normalises in the log domain and takes no eps.
+      eps: for "paper", added to the column and row sums of iterations 2..num_iters,
+        which lie in [1/n^2, n], as a guard; None or 0 (the default) is the SPEC
+        loop, and the first iteration normalises in the log domain and takes no eps.
+        For "deepseek_v4", V4's eps (None: ``DEEPSEEK_V4_EPS``).
+      variant: "paper" (SPEC §5) or "deepseek_v4" (V4's loop, in this project's
+        orientation: the transpose of V4's comb for the transposed logits).
 
     Returns:
       (..., n, n) array in fp32 (fp64 for fp64 input): non-negative, rows
       summing to 1 (slightly less with eps > 0), columns summing to 1 up to the
       convergence error.
     """
+    if variant not in SINKHORN_VARIANTS:
+        raise ValueError(
+            f"sinkhorn_knopp: variant must be one of {SINKHORN_VARIANTS}, got {variant!r} "
+            "(mHC-lite's h_res is no Sinkhorn: see pallas_kernels.mhc.variants)"
+        )
     if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn_knopp: logits must have shape (..., n, n), got {logits.shape}")
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"sinkhorn_knopp: num_iters must be an integer >= 1, got {num_iters!r}")
+    if eps is None:
+        eps = DEEPSEEK_V4_EPS if variant == "deepseek_v4" else 0.0
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"sinkhorn_knopp: eps must be finite and >= 0, got {eps!r}")
+    if variant == "deepseek_v4":
+        return _deepseek_v4(logits, num_iters, float(eps))
     return _sinkhorn(logits, num_iters, float(eps))

@@ -1,0 +1,1 @@
+"""Weights from other mHC implementations: ``deepseek_v4`` (DeepSeek-V4's connections)."""
