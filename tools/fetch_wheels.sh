@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=(
-  array-record grain ml-collections tensorboardx portpicker tzdata
+  array-record grain ml-collections tensorboardx portpicker tzdata safetensors
   # the Cloud Storage path test: gcsfs, google-cloud-storage and the emulator
   fsspec gcsfs gcp-storage-emulator google-api-core google-auth google-auth-oauthlib
   google-cloud-core google-cloud-storage google-cloud-storage-control google-crc32c
