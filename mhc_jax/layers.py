@@ -62,11 +62,13 @@ def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     return (y * scale.astype(F32)).astype(dtype)
 
 
-def rope(x: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding (rotate-half form) on (B, T, H, D), D even."""
+def rope(x: jax.Array, base: float, offset: jax.Array | int = 0) -> jax.Array:
+    """Rotary position embedding (rotate-half form) on (B, T, H, D), D even; token t
+    sits at position ``offset + t``."""
     t, d = x.shape[-3], x.shape[-1]
     inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=F32) / d))
-    angles = jnp.arange(t, dtype=F32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    positions = offset + jnp.arange(t, dtype=F32)
+    angles = positions[:, None] * inv_freq[None, :]  # (T, D/2)
     sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
     x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -77,6 +79,12 @@ class CausalSelfAttention(nn.Module):
 
     Uses ``jax.nn.dot_product_attention`` with ``implementation`` resolved by
     ``attention_impl`` ("auto": cuDNN flash attention on GPUs, XLA elsewhere).
+
+    Decoding: when the "cache" collection is mutable, the module keeps its keys and
+    values, (B, max_len, H, D) each, and a write index. The first such call only
+    creates them, zeroed, with max_len = its T (``sampling.init_cache`` runs it under
+    ``jax.eval_shape``); every later call appends its T tokens at the index and
+    attends over the cached prefix, so a decode step costs one token's work.
     """
 
     num_heads: int
@@ -105,10 +113,34 @@ class CausalSelfAttention(nn.Module):
         )
         x = x.astype(self.dtype)
         qkv = jnp.einsum("btc,cphd->pbthd", x, w_qkv.astype(self.dtype))
-        q, k = rope(qkv[0], self.rope_base), rope(qkv[1], self.rope_base)
-        impl = attention_impl(self.implementation, self.dtype, d, x.shape[-2])
-        out = jax.nn.dot_product_attention(q, k, qkv[2], is_causal=True, implementation=impl)
+        if self.is_mutable_collection("cache") and not self.is_initializing():
+            out = self._cached(qkv)
+        else:
+            q, k = rope(qkv[0], self.rope_base), rope(qkv[1], self.rope_base)
+            impl = attention_impl(self.implementation, self.dtype, d, x.shape[-2])
+            out = jax.nn.dot_product_attention(q, k, qkv[2], is_causal=True, implementation=impl)
         return jnp.einsum("bthd,hdc->btc", out, w_out.astype(self.dtype))
+
+    def _cached(self, qkv: jax.Array) -> jax.Array:
+        """Attention of qkv's T new tokens (3, B, T, H, D) over the cached prefix."""
+        shape, t = qkv.shape[1:], qkv.shape[2]
+        ready = self.has_variable("cache", "key")
+        keys = self.variable("cache", "key", jnp.zeros, shape, qkv.dtype)
+        values = self.variable("cache", "value", jnp.zeros, shape, qkv.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not ready:  # creating the cache: its shapes are all this call is for
+            return qkv[2]
+        start = index.value
+        q = rope(qkv[0], self.rope_base, start)
+        at = (0, start, 0, 0)
+        keys.value = lax.dynamic_update_slice(keys.value, rope(qkv[1], self.rope_base, start), at)
+        values.value = lax.dynamic_update_slice(values.value, qkv[2], at)
+        index.value = start + t
+        max_len = keys.value.shape[1]
+        visible = jnp.arange(max_len)[None, :] <= start + jnp.arange(t)[:, None]  # (T, max_len)
+        return jax.nn.dot_product_attention(
+            q, keys.value, values.value, mask=visible[None, None], implementation="xla"
+        )
 
 
 class SwiGLU(nn.Module):

@@ -329,7 +329,7 @@ def run_blocks(config: ModelConfig, x: jax.Array, initializing: bool = False) ->
         unit = config.scan_unit
         scanned = nn.scan(
             group_cls,
-            variable_axes={"params": 0, "diagnostics": 0, "intermediates": 0},
+            variable_axes={"params": 0, "diagnostics": 0, "intermediates": 0, "cache": 0},
             split_rngs={"params": True},
             length=config.num_blocks // unit,
             metadata_params={nn.PARTITION_NAME: "layers"},

@@ -1,9 +1,9 @@
-"""Autoregressive sampling from the LM (greedy, temperature, top-k).
+"""Autoregressive sampling from the LM (greedy, temperature, top-k) with a KV cache.
 
-Simple and exact rather than fast: each new token re-runs the model on a fixed
-(B, max_len) buffer (causal attention makes the unused tail irrelevant), so one
-compiled step serves every position. Fine for the short samples a training run
-shows; no KV cache.
+The prompt runs once through the model, filling every attention layer's key/value
+cache (``layers.CausalSelfAttention``); each new token then costs one forward pass
+over that single token. The connections (residual, HC, mHC) act per token, so they
+need no cache. One jitted function runs the whole generation.
 """
 
 from __future__ import annotations
@@ -16,24 +16,51 @@ import jax.numpy as jnp
 from mhc_jax.model import LM, ModelConfig
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "top_k"))
-def _generate(params, prompt, prompt_len, rng, temperature, *, config, max_len, top_k):
-    model = LM(config)
-    buf = jnp.zeros((prompt.shape[0], max_len), jnp.int32).at[:, : prompt.shape[1]].set(prompt)
+def init_cache(params, config: ModelConfig, batch: int, max_len: int):
+    """Zeroed attention caches for ``batch`` sequences of up to ``max_len`` tokens: the
+    "cache" collection of ``LM(config)`` (shapes found without running the model)."""
+    tokens = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
 
-    def body(pos, carry):
-        buf, rng = carry
-        logits = model.apply({"params": params}, buf)[:, pos - 1, :]
-        if top_k > 0:
-            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
+    def create(params, tokens):
+        return LM(config).apply({"params": params}, tokens, mutable=["cache"])[1]["cache"]
+
+    shapes = jax.eval_shape(create, params, tokens)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def decode(params, config: ModelConfig, cache, tokens: jax.Array):
+    """Appends ``tokens`` (B, T) to the cached sequences: (logits (B, T, vocab) fp32 of
+    those T positions, the updated cache)."""
+    logits, state = LM(config).apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+    return logits, state["cache"]
+
+
+def _pick(logits, key, temperature, top_k: int):
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_tokens", "top_k"))
+def _generate(params, prompt, rng, temperature, *, config, num_tokens, top_k):
+    b, p = prompt.shape
+    cache = init_cache(params, config, b, p + num_tokens)
+    logits, cache = decode(params, config, cache, prompt)
+    out = jnp.zeros((b, p + num_tokens), jnp.int32).at[:, :p].set(prompt)
+
+    def body(i, carry):
+        cache, last, rng, out = carry
         rng, key = jax.random.split(rng)
-        sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
-        token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
-        return buf.at[:, pos].set(token.astype(jnp.int32)), rng
+        token = _pick(last, key, temperature, top_k)
+        logits, cache = decode(params, config, cache, token[:, None])
+        return cache, logits[:, -1], rng, out.at[:, p + i].set(token)
 
-    buf, _ = jax.lax.fori_loop(prompt_len, max_len, body, (buf, rng))
-    return buf
+    carry = (cache, logits[:, -1], rng, out)
+    _, last, rng, out = jax.lax.fori_loop(0, num_tokens - 1, body, carry)
+    token = _pick(last, jax.random.split(rng)[1], temperature, top_k)
+    return out.at[:, -1].set(token)
 
 
 def generate(
@@ -68,14 +95,12 @@ def generate(
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if not 0 <= top_k <= config.vocab_size:
         raise ValueError(f"generate: top_k must be in [0, {config.vocab_size}], got {top_k}")
-    max_len = prompt.shape[1] + num_tokens
     return _generate(
         params,
         prompt.astype(jnp.int32),
-        prompt.shape[1],
         rng,
         jnp.float32(temperature),
         config=config,
-        max_len=max_len,
+        num_tokens=num_tokens,
         top_k=top_k,
     )
