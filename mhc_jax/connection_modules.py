@@ -28,6 +28,7 @@ from mhc_jax.connections import (
     check_streams,
     hc_mappings,
     residual_init_bias,
+    stream_head,
 )
 from pallas_kernels.mhc import backends, variants
 from pallas_kernels.mhc.context import MappingConfig, MappingWeights, Pending
@@ -208,3 +209,27 @@ class ManifoldHyperConnection(nn.Module):
         if self.defer_post_res:
             return Pending(ctx, f)
         return _named(partitioned.post_res(ctx, f, **layout))[0]
+
+
+class StreamHead(nn.Module):
+    """DeepSeek-V4's collapse of the streams (``stream_reduce="learned"``): (..., n, C)
+    -> (..., C) by ``connections.stream_head``. phi (stored (n, C, n), C sharded like the
+    streams') and bias start at 0, so the head starts as (0.5 + 1e-6) times the sum.
+
+    Attributes:
+      norm_eps: epsilon of the RMS over the n*C flattened streams.
+      scale_init: init of the logit scale.
+    """
+
+    norm_eps: float = 1e-6
+    scale_init: float = 0.01
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, c = check_streams("StreamHead", x)
+        zeros = nn.initializers.zeros_init()
+        axes = ("streams", "embed", "coeffs")
+        phi = self.param("phi", _param_init(zeros, axes), (n, c, n), F32)
+        bias = self.param("bias", zeros, (n,), F32)
+        scale = self.param("scale", nn.initializers.constant(self.scale_init), (1,), F32)
+        return stream_head(x, phi.reshape(n * c, n), bias, scale, norm_eps=self.norm_eps)

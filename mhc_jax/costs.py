@@ -42,6 +42,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     else:
         per_layer = c
     connections = layers * per_layer
+    if cfg.stream_reduce == "learned":  # the collapse head: projection and weighted sum
+        connections += 2 * n * c * n + 2 * n * c
     return {
         "dense": float(dense),
         "attention": float(attention),

@@ -26,8 +26,13 @@ import jax.numpy as jnp
 
 from mhc_jax import connection_modules, partitioned
 from mhc_jax import remat as remat_lib
-from mhc_jax.connection_modules import HyperConnection, ManifoldHyperConnection, Residual
-from mhc_jax.connections import MHC_INITS, MHC_VARIANTS, RESIDUAL_SHARDS, stream_head
+from mhc_jax.connection_modules import (
+    HyperConnection,
+    ManifoldHyperConnection,
+    Residual,
+    StreamHead,
+)
+from mhc_jax.connections import MHC_INITS, MHC_VARIANTS, RESIDUAL_SHARDS
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
 from pallas_kernels.mhc.backends import IMPLS
@@ -392,15 +397,8 @@ class LM(nn.Module):
             return jnp.sum(x, axis=-2, dtype=x.dtype)
         if mode == "mean":
             return jnp.mean(x, axis=-2, dtype=x.dtype)
-        n, c = x.shape[-2:]
-        zeros = nn.initializers.zeros_init()
-        axes = ("streams", "embed", "coeffs")
-        phi = self.param("stream_head_phi", nn.with_logical_partitioning(zeros, axes), (n, c, n))
-        bias = self.param("stream_head_bias", zeros, (n,), jnp.float32)
-        scale_init = nn.initializers.constant(self.config.mhc_alpha_init)
-        scale = self.param("stream_head_scale", scale_init, (1,), jnp.float32)
-        phi = phi.reshape(n * c, n)
-        return stream_head(x, phi, bias, scale, norm_eps=self.config.mhc_norm_eps)
+        cfg = self.config
+        return StreamHead(cfg.mhc_norm_eps, cfg.mhc_alpha_init, name="stream_head")(x)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:

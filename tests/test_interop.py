@@ -4,15 +4,15 @@ float64 V4 reference (``deepseek_v4_reference``) on the same inputs."""
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from deepseek_v4_reference import v4_head, v4_layer
 from safetensors.numpy import save_file
 
-from mhc_jax import connections
+from mhc_jax.connection_modules import StreamHead
 from mhc_jax.interop import deepseek_v4
-from mhc_jax.model import LM, ModelConfig, init_params
-from pallas_kernels.mhc import api
+from mhc_jax.model import ModelConfig, init_params, make_connection
 
 SMALL = dict(vocab_size=64, num_blocks=2, d_model=32, num_heads=2, d_ff=64, n=4)
 V4 = dict(mhc_variant="deepseek_v4", stream_reduce="learned", impl="xla")
@@ -25,19 +25,28 @@ def _full_precision_matmuls():
 
 
 def _v4_tensors(rng, blocks: int, n: int, c: int) -> dict[str, np.ndarray]:
-    """V4-named fp32 tensors as its checkpoints hold them, plus one it would hold besides."""
+    """V4-named tensors as its checkpoints hold them: the connections' fp32, the head's
+    bf16 (as some exports store it), and others the loader must skip (bf16 and fp8)."""
     k = n * n + 2 * n
-    out = {"layers.0.attn_norm.weight": np.ones(c, np.float32)}
+    out = {
+        "layers.0.attn_norm.weight": np.ones(c, ml_dtypes.bfloat16),
+        "layers.0.ffn.w1.weight": np.ones((c, c), ml_dtypes.float8_e4m3fn),
+    }
     for b in range(blocks):
         for sub in ("attn", "ffn"):
             name = f"layers.{b}.hc_{sub}"
             out[f"{name}_fn"] = (rng.normal(size=(k, n * c)) / np.sqrt(n * c)).astype(np.float32)
             out[f"{name}_base"] = rng.normal(size=(k,)).astype(np.float32)
             out[f"{name}_scale"] = rng.uniform(0.5, 2.0, size=(3,)).astype(np.float32)
-    out["hc_head_fn"] = (rng.normal(size=(n, n * c)) / np.sqrt(n * c)).astype(np.float32)
-    out["hc_head_base"] = rng.normal(size=(n,)).astype(np.float32)
-    out["hc_head_scale"] = np.asarray([1.5], np.float32)
+    bf16 = ml_dtypes.bfloat16
+    out["hc_head_fn"] = (rng.normal(size=(n, n * c)) / np.sqrt(n * c)).astype(bf16)
+    out["hc_head_base"] = rng.normal(size=(n,)).astype(bf16)
+    out["hc_head_scale"] = np.asarray([1.5], bf16)
     return out
+
+
+def _f64(*arrays):
+    return (jnp.asarray(np.asarray(a, np.float64)) for a in arrays)
 
 
 def _write(tmp_path, tensors: dict) -> list:
@@ -68,7 +77,10 @@ def test_conversions_are_exact_both_ways():
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_loaded_model_matches_the_v4_reference(tmp_path, scan):
-    cfg = ModelConfig(**SMALL, **V4, scan_layers=scan)
+    """Each of the model's connection modules (built from its ModelConfig, as the model
+    builds them) and its collapse head, on loaded weights, against V4's float64 math;
+    scanned: 4 blocks over 2 scan steps."""
+    cfg = ModelConfig(**{**SMALL, "num_blocks": 4}, **V4, scan_layers=scan)
     rng = np.random.default_rng(1)
     tensors = _v4_tensors(rng, cfg.num_blocks, cfg.n, cfg.d_model)
     params = init_params(cfg, jax.random.key(0))
@@ -76,49 +88,29 @@ def test_loaded_model_matches_the_v4_reference(tmp_path, scan):
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
 
     x = rng.normal(size=(3, 7, cfg.n, cfg.d_model)).astype(np.float32)
-    f = rng.normal(size=(3, 7, cfg.d_model)).astype(np.float32)
     for b in range(cfg.num_blocks):
-        for sub, conn in (("attn", "attn_conn"), ("ffn", "mlp_conn")):
+        for i, (sub, conn) in enumerate((("attn", "attn_conn"), ("ffn", "mlp_conn"))):
             if scan:
                 unit = cfg.scan_unit  # scan step b // unit holds block b as block_{b % unit}
                 block = loaded["scan"][f"block_{b % unit}"][conn]
                 p = jax.tree.map(lambda a, step=b // unit: a[step], block)
             else:
                 p = loaded[f"group_{b}"][f"block_{b}"][conn]
-            phi = p["phi"].reshape(-1, p["phi"].shape[-1])
-            li, h_pre, h_post, h_res = api.mhc_mappings_and_pre(
-                x, phi, p["bias"], p["alpha"], variant="deepseek_v4"
-            )
-            got = (li, api.apply_post_res(h_res, h_post, x, f))
+            module = make_connection(cfg, 2 * b + i, conn)
+            got = module.apply({"params": p}, jnp.asarray(x), jnp.tanh)
             name = f"layers.{b}.hc_{sub}"
+            weights = [tensors[f"{name}_{k}"] for k in ("fn", "base", "scale")]
             with jax.enable_x64(True):
-                want = v4_layer(
-                    *(jnp.asarray(a, jnp.float64) for a in (x, tensors[f"{name}_fn"])),
-                    jnp.asarray(tensors[f"{name}_base"], jnp.float64),
-                    jnp.asarray(tensors[f"{name}_scale"], jnp.float64),
-                    jnp.asarray(f, jnp.float64),
-                )
-                want = jax.tree.map(np.asarray, want)
-            for g, w in zip(got, want, strict=True):
-                np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * np.abs(w).max())
-    head = connections.stream_head(
-        jnp.asarray(x),
-        loaded["stream_head_phi"].reshape(-1, cfg.n),
-        loaded["stream_head_bias"],
-        loaded["stream_head_scale"],
-    )
+                li, _ = v4_layer(*_f64(x, *weights, x[..., 0, :]))
+                _, want = v4_layer(*_f64(x, *weights), jnp.tanh(li))
+                want = np.asarray(want)
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    head_module = StreamHead(cfg.mhc_norm_eps)
+    got = head_module.apply({"params": loaded["stream_head"]}, jnp.asarray(x))
     with jax.enable_x64(True):
-        want = np.asarray(
-            v4_head(
-                *(
-                    jnp.asarray(tensors[k] if k else x, jnp.float64)
-                    for k in (None, "hc_head_fn", "hc_head_base", "hc_head_scale")
-                )
-            )
-        )
-    np.testing.assert_allclose(head, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
-    logits = LM(cfg).apply({"params": loaded}, jnp.zeros((1, 8), jnp.int32))
-    assert bool(jnp.all(jnp.isfinite(logits)))
+        head = [tensors[f"hc_head_{k}"] for k in ("fn", "base", "scale")]
+        want = np.asarray(v4_head(*_f64(x, *head)))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def test_loader_names_what_is_wrong(tmp_path):

@@ -217,7 +217,7 @@ def test_config_errors(kwargs, match):
 def test_stream_reductions(reduce):
     cfg = ModelConfig(connection="mhc", n=4, stream_reduce=reduce, **SMALL)
     params = init_params(cfg, jax.random.key(0))
-    assert ("stream_head_phi" in params) == (reduce == "learned")
+    assert ("stream_head" in params) == (reduce == "learned")
     logits = LM(cfg).apply({"params": params}, tokens())
     assert logits.shape == (2, 16, 64) and bool(jnp.all(jnp.isfinite(logits)))
 

@@ -20,6 +20,7 @@ from mhc_jax.model import ModelConfig
 from mhc_jax.sharding import strip_boxes
 from pallas_kernels.mhc import api, variants
 from pallas_kernels.mhc.backends import Impl, UnsupportedInput
+from pallas_kernels.mhc.context import MappingConfig
 from pallas_kernels.mhc.sinkhorn import sinkhorn_knopp
 
 FWD_TOL = 2e-5  # max |fp32 - float64| / max |float64|, forward
@@ -179,6 +180,10 @@ def test_bad_variants_are_refused_by_name():
         sinkhorn_knopp(jnp.zeros((4, 4)), variant="lite")
     with pytest.raises(ValueError, match=r"ModelConfig.mhc_variant='v4' is invalid"):
         ModelConfig(mhc_variant="v4")
+    with pytest.raises(ValueError, match=r"MappingConfig.variant='v4' is invalid"):
+        MappingConfig(variant="v4")
+    with pytest.raises(ValueError, match=r"t_res has 5 logits per token; must be one of"):
+        variants.lite_res(jnp.zeros((2, 5)))
 
 
 def test_kernels_refuse_lite_and_auto_falls_back(monkeypatch, caplog):
@@ -196,12 +201,15 @@ def test_kernels_refuse_lite_and_auto_falls_back(monkeypatch, caplog):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("n", [3, 4])  # n = 3: padded lanes in every layout
 @pytest.mark.parametrize("backend", ["triton", "tpu", "mosaic_gpu"])
-def test_kernels_take_deepseek_v4(backend):
+def test_kernels_take_deepseek_v4(backend, n):
     """Every kernel backend (in the interpreter) computes V4's coefficients and their
-    gradients as the XLA path does: its epilogues' V4 Sinkhorn and VJP."""
-    n, c = 4, 64
-    x, phi, bias, alpha, _ = _inputs(5, n, c, variants.width(n), 4.0, batch=(40,))
+    gradients as the XLA path does: its epilogues' V4 Sinkhorn and VJP. Coefficients
+    and the weights' gradients agree to ~1e-5 (the paper's Sinkhorn instead, in the
+    forward or the backward alone, is off by >= 6e-3); the bf16 layer input and dx to
+    bf16 rounding."""
+    x, phi, bias, alpha, _ = _inputs(5, n, 64, variants.width(n), 4.0, batch=(40,))
     args = (jnp.asarray(x, jnp.bfloat16), *map(jnp.asarray, (phi, bias, alpha)))
 
     def run(impl):
@@ -214,10 +222,11 @@ def test_kernels_take_deepseek_v4(backend):
         return out, vjp(tuple(cots))
 
     (out, grads), (want, want_grads) = run(f"{backend}_interpret"), run("xla")
-    for g, w in zip(out, want, strict=True):
-        assert _rel(g, w) <= 1e-2
-    for name, g, w in zip(("x", "phi", "bias", "alpha"), grads, want_grads, strict=True):
-        assert _rel(g.astype(jnp.float32), w.astype(jnp.float32)) <= 1e-2, name
+    for name, g, w, tol in zip(("li", "h_pre", "h_post", "h_res"), out, want, (1e-2, *[1e-4] * 3)):
+        assert _rel(g, w) <= tol, name
+    tols = (1e-2, 1e-4, 1e-4, 1e-4)
+    for name, g, w, tol in zip(("x", "phi", "bias", "alpha"), grads, want_grads, tols, strict=True):
+        assert _rel(g.astype(jnp.float32), w.astype(jnp.float32)) <= tol, name
 
 
 class _OneLayer(nn.Module):

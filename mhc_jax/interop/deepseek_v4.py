@@ -17,11 +17,14 @@ conversions are permutations and reshapes: exact. Parity with V4's outputs also 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 from collections.abc import Iterable, Mapping
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import traverse_util
@@ -115,15 +118,17 @@ def _expect(name: str, a, shape: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(np.shape(a))}")
 
 
+# safetensors: an 8-byte little-endian header length, a JSON header naming each tensor's
+# dtype, shape and byte range in the data that follows. Read directly, so that only the
+# few hc_* tensors of a multi-GB shard are fetched (ranged reads, local or gs://).
+_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
 class _Tensors:
-    """Named tensors across safetensors files (local files open lazily; others, e.g.
-    ``gs://``, are read whole)."""
+    """Named tensors across safetensors files, read on demand."""
 
     def __init__(self, files: Iterable[epath.PathLike]):
-        from safetensors import safe_open
-        from safetensors.numpy import load
-
-        self.where: dict[str, object] = {}
+        self.where: dict[str, tuple[epath.Path, int, dict]] = {}
         self.files = []
         for f in files:
             path = epath.Path(f)
@@ -132,13 +137,12 @@ class _Tensors:
                 if not p.exists():
                     raise FileNotFoundError(f"load_deepseek_v4: no such file: {p}")
                 self.files.append(str(p))
-                if "://" not in str(p):
-                    handle = safe_open(str(p), framework="numpy")
-                    for key in handle.keys():
-                        self.where[key] = (handle, key)
-                else:
-                    for key, value in load(p.read_bytes()).items():
-                        self.where[key] = value
+                with p.open("rb") as fh:
+                    (size,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(size))
+                header.pop("__metadata__", None)
+                for key, info in header.items():
+                    self.where[key] = (p, 8 + size, info)
         if not self.files:
             raise FileNotFoundError(f"load_deepseek_v4: no .safetensors files in {files}")
 
@@ -148,11 +152,18 @@ class _Tensors:
                 f"load_deepseek_v4: tensor {name!r} is in none of {len(self.files)} file(s): "
                 f"{', '.join(self.files)}"
             )
-        found = self.where[name]
-        if isinstance(found, tuple):
-            handle, key = found
-            return np.asarray(handle.get_tensor(key), np.float32)
-        return np.asarray(found, np.float32)
+        path, data_start, info = self.where[name]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(
+                f"load_deepseek_v4: {name} in {path} is {info['dtype']}; the connection "
+                f"tensors must be one of {tuple(_DTYPES)}"
+            )
+        begin, end = info["data_offsets"]
+        with path.open("rb") as fh:
+            fh.seek(data_start + begin)
+            raw = fh.read(end - begin)
+        value = np.frombuffer(raw, _DTYPES[info["dtype"]]).reshape(info["shape"])
+        return value.astype(np.float32)
 
 
 def _block_slots(params: Mapping, num_blocks: int, scan_unit: int | None):
@@ -221,7 +232,13 @@ def load_deepseek_v4(params: Mapping, files, config, *, prefix: str = "") -> dic
             conv = connection_from_v4(fn, tensors.get(f"{name}_base"), tensors.get(f"{name}_scale"))
             for key, value in conv.items():
                 _put(flat, (*path, ours, key), step, value)
-    if config.stream_reduce == "learned":
+    if config.stream_reduce != "learned":
+        logging.warning(
+            "load_deepseek_v4: model.stream_reduce=%r, so V4's hc_head_* tensors are not "
+            "loaded; its collapse head is stream_reduce='learned'",
+            config.stream_reduce,
+        )
+    else:
         fn = tensors.get(f"{prefix}hc_head_fn")
         if fn.shape != (config.n, config.n * config.d_model):
             raise ValueError(
@@ -232,7 +249,7 @@ def load_deepseek_v4(params: Mapping, files, config, *, prefix: str = "") -> dic
             fn, tensors.get(f"{prefix}hc_head_base"), tensors.get(f"{prefix}hc_head_scale")
         )
         for key, value in head.items():
-            _put(flat, (f"stream_head_{key}",), None, value)
+            _put(flat, ("stream_head", key), None, value)
     return traverse_util.unflatten_dict(flat)
 
 

@@ -38,7 +38,7 @@ class MappingConfig:
             raise ValueError(f"num_iters must be an integer >= 1, got {self.num_iters!r}")
         if not self.norm_eps >= 0:
             raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps!r}")
-        variants.check(self.variant)
+        variants.check(self.variant, name="MappingConfig.variant")
 
 
 class Context(NamedTuple):

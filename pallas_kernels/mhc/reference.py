@@ -62,7 +62,7 @@ def mhc_mappings(
       doubly stochastic; all fp32.
     """
     n, c = check_streams("mhc_mappings", x)
-    width = variants.width(n, variants.check(variant, n))
+    width = variants.width(n, variants.check(variant, n, name="mhc_mappings: variant"))
     check_shape("mhc_mappings", "phi", phi, (n * c, width))
     check_shape("mhc_mappings", "bias", bias, (width,))
     check_shape("mhc_mappings", "alpha", alpha, (3,))
@@ -124,12 +124,12 @@ def mhc_coefficients(
       mean_square: (..., 1) fp32 mean of ``v**2`` over all n*C values.
       bias, alpha, num_iters, norm_eps, variant: as in ``mhc_mappings``.
     """
-    variants.check(variant)
+    variants.check(variant, name="mhc_coefficients: variant")
     try:
         n = variants.streams_of_width(proj.shape[-1], variant)
     except ValueError as e:
         raise ValueError(f"mhc_coefficients: proj: {e}") from None
-    variants.check(variant, n)
+    variants.check(variant, n, name="mhc_coefficients: variant")
     raw = proj / jnp.sqrt(mean_square + norm_eps)
     alpha = alpha.astype(F32)
     groups = (n, n, variants.res_width(n, variant))

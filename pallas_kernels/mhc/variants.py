@@ -98,7 +98,12 @@ def lite_res(t_res: jax.Array) -> jax.Array:
     """mHC-lite's h_res from its n! logits: (..., n!) -> (..., n, n), in t_res's float
     dtype (fp32 at least)."""
     k = t_res.shape[-1]
-    n = next(n for n in range(1, LITE_MAX_STREAMS + 1) if math.factorial(n) == k)
+    widths = {math.factorial(n): n for n in range(1, LITE_MAX_STREAMS + 1)}
+    if k not in widths:
+        raise ValueError(
+            f"lite_res: t_res has {k} logits per token; must be one of {tuple(widths)}"
+        )
+    n = widths[k]
     weights = jax.nn.softmax(t_res.astype(jnp.promote_types(t_res.dtype, jnp.float32)), axis=-1)
     return jnp.einsum("...k,kij->...ij", weights, permutation_matrices(n).astype(weights.dtype))
 
