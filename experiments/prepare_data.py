@@ -23,6 +23,12 @@ files are taken as given (``.xz`` ones are decompressed)::
     python experiments/prepare_data.py --sources=/data/books,/data/extra/notes.txt \
         --out_dir=/tmp/mhc_data/mine --val_fraction=0.02 --seed=1
 
+A SentencePiece tokenizer trained on the sources (BPE, 2048 pieces), then the data
+tokenized with it; train with the spec it prints as ``--config.data.tokenizer``::
+
+    python experiments/prepare_data.py --out_dir=/tmp/mhc_data/shakespeare_spm2k \
+        --train_tokenizer=sentencepiece:2048 --tokenizer_path=/tmp/mhc_data/spm2k.model
+
 Sources and ``--out_dir`` may be in Cloud Storage (shards are written locally, then
 uploaded, meta.json last); a run then reads ``--config.data.path=gs://...`` from a copy
 it makes on each host (mhc_jax/data_cache.py)::
@@ -32,7 +38,7 @@ it makes on each host (mhc_jax/data_cache.py)::
 
 from absl import app, flags
 
-from mhc_jax import data
+from mhc_jax import data, tokenizers
 
 _SOURCES = flags.DEFINE_list(
     "sources",
@@ -44,14 +50,42 @@ _OUT_DIR = flags.DEFINE_string(
 )
 _VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.05, "Share of documents for validation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the train/validation split.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "byte", "byte | sentencepiece:PATH | hf:PATH | tiktoken:PATH (tokenizers.py)."
+)
+_TRAIN_TOKENIZER = flags.DEFINE_string(
+    "train_tokenizer",
+    None,
+    "sentencepiece:VOCAB: train a SentencePiece BPE model of VOCAB pieces on the sources, "
+    "write it to --tokenizer_path and tokenize with it (overrides --tokenizer).",
+)
+_TOKENIZER_PATH = flags.DEFINE_string(
+    "tokenizer_path", None, "Where --train_tokenizer writes its model (local or gs://)."
+)
 flags.mark_flag_as_required("out_dir")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sources, tokenizer = _SOURCES.value or None, _TOKENIZER.value
+    if _TRAIN_TOKENIZER.value:
+        kind, _, vocab = _TRAIN_TOKENIZER.value.partition(":")
+        if kind != "sentencepiece" or not vocab.isdigit():
+            raise app.UsageError(
+                f"--train_tokenizer={_TRAIN_TOKENIZER.value!r}: expected sentencepiece:VOCAB"
+            )
+        if not _TOKENIZER_PATH.value:
+            raise app.UsageError("--train_tokenizer needs --tokenizer_path")
+        _, docs = data.read_documents(sources)
+        tokenizer = tokenizers.train_sentencepiece(docs, int(vocab), _TOKENIZER_PATH.value)
+        print(f"trained {tokenizer}: pass --config.data.tokenizer={tokenizer} to train")
     meta = data.prepare_corpus(
-        _SOURCES.value or None, _OUT_DIR.value, val_fraction=_VAL_FRACTION.value, seed=_SEED.value
+        sources,
+        _OUT_DIR.value,
+        val_fraction=_VAL_FRACTION.value,
+        seed=_SEED.value,
+        tokenizer=tokenizer,
     )
     print(f"wrote {_OUT_DIR.value} from {len(meta['sources'])} source file(s)")
     for split, info in meta["splits"].items():

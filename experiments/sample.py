@@ -9,21 +9,19 @@ The model is rebuilt from the run's config.json; the checkpoint holds the weight
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mhc_jax.data import ByteTokenizer
-from mhc_jax.loop import load_run
+from mhc_jax.loop import load_run, run_tokenizer, sample_prompt
 from mhc_jax.sampling import generate
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory written by experiments/train.py (local or gs://)."
 )
 _PROMPT = flags.DEFINE_string("prompt", "ROMEO:", "Text to continue.")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 300, "Bytes to generate.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 300, "Tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample from the k most likely bytes (0 = all).")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample from the k most likely tokens (0 = all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
 
@@ -34,8 +32,8 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     model_cfg, params, step = load_run(_WORKDIR.value, _STEP.value)
-    tok = ByteTokenizer()
-    prompt = jnp.asarray(tok.encode(_PROMPT.value, add_bos=True)[None, :])
+    tok = run_tokenizer(_WORKDIR.value)
+    prompt = sample_prompt(tok, _PROMPT.value)
     out = generate(
         params,
         model_cfg,

@@ -13,6 +13,7 @@ import json
 
 import ml_collections
 
+from mhc_jax import tokenizers
 from mhc_jax.model import ModelConfig
 from mhc_jax.optim import OptimizerConfig
 from mhc_jax.sharding import MeshConfig
@@ -30,6 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data = ml_collections.ConfigDict(
         dict(
             path="",  # "" = bundled corpus; else a prepared dir or text files/dirs
+            # "byte" | sentencepiece:PATH | hf:PATH | tiktoken:PATH (mhc_jax/tokenizers.py)
+            tokenizer="byte",
+            # set by resolve_tokenizer: the tokenizer's kind, vocab size and file hash
+            tokenizer_id=tokenizers.BYTE_IDENTITY,
             cache_dir="",  # "" = <workdir>/data
             seq_len=128,
             batch_size=16,  # global, across processes and devices
@@ -109,6 +114,27 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     cfg = default_config()
     cfg.update_from_flattened_dict(dict(flatten(json.loads(text))))
     return cfg
+
+
+def resolve_tokenizer(cfg: ml_collections.ConfigDict):
+    """Loads ``data.tokenizer``, records its identity in ``data.tokenizer_id`` and sizes
+    ``model.vocab_size`` by it (a model left at the byte vocabulary's default takes the
+    tokenizer's size). Returns the tokenizer.
+
+    Raises:
+      ValueError: a bad spec, or a ``model.vocab_size`` set to another size (both named).
+    """
+    tok = tokenizers.load(cfg.data.tokenizer)
+    cfg.data.tokenizer_id = tokenizers.identity_string(tok.identity)
+    vocab, default = cfg.model.vocab_size, ModelConfig.vocab_size
+    if tok.kind != "byte" and vocab == default:
+        cfg.model.vocab_size = tok.vocab_size
+    elif vocab < tok.vocab_size or (tok.kind != "byte" and vocab != tok.vocab_size):
+        raise ValueError(
+            f"model.vocab_size={vocab} is invalid: data.tokenizer={cfg.data.tokenizer!r} has "
+            f"{tok.vocab_size} tokens; leave model.vocab_size at {default} to take that size"
+        )
+    return tok
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:

@@ -1,13 +1,16 @@
-"""Byte-level LM data pipeline: tokenizer, bundled corpus, ArrayRecord shards, grain loaders.
+"""LM data pipeline: bundled corpus, ArrayRecord shards, grain loaders.
 
 A prepared directory (`prepare_corpus`) holds meta.json and ArrayRecord shards
-train-XXXXX-of-YYYYY.array_record, validation-... (one record = one document's UTF-8 bytes).
+train-XXXXX-of-YYYYY.array_record, validation-... One record is one document: its UTF-8
+bytes for the byte tokenizer, its token ids as little-endian uint32 for the others
+(``tokenizers``); meta.json records the tokenizer's identity.
 Sources and prepared directories may be local or in cloud storage (gs://); the loaders read
 local shards only (data_cache.py finds, prepares and copies a run's data).
 
-Loaders view a split as one token stream: its documents in stored order, each as UTF-8
-bytes then `EOS_ID`. Window i (seq_len L) is stream[i * L : i * L + L + 1]: first L tokens
-= inputs, last L = targets, so each token after the first is a target once per epoch.
+Loaders view a split as one token stream: its documents in stored order, each as its
+tokens then the tokenizer's EOS. Window i (seq_len L) is stream[i * L : i * L + L + 1]:
+first L tokens = inputs, last L = targets, so each token after the first is a target once
+per epoch.
 Windows cross document boundaries (the EOS between documents is an ordinary target;
 attention is not masked there).
 """
@@ -24,38 +27,16 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from mhc_jax import paths
+from mhc_jax import paths, tokenizers
 
-BOS_ID = 256
-EOS_ID = 257
-PAD_ID = 258
-VOCAB_SIZE = 259
+BOS_ID, EOS_ID, PAD_ID = tokenizers.BYTE_BOS, tokenizers.BYTE_EOS, tokenizers.BYTE_PAD
+VOCAB_SIZE = tokenizers.BYTE_VOCAB
+ByteTokenizer = tokenizers.ByteTokenizer
 
 SPLITS = ("train", "validation")
 META_FILE = "meta.json"
 MAX_DOC_CHARS = 8192
 BUNDLED_CORPUS = "shakespeare.txt.xz"
-
-
-class ByteTokenizer:
-    """UTF-8 byte tokenizer: ids 0..255 are bytes, then `BOS_ID`, `EOS_ID`, `PAD_ID`."""
-
-    vocab_size = VOCAB_SIZE
-    bos_id = BOS_ID
-    eos_id = EOS_ID
-    pad_id = PAD_ID
-
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
-        """Returns int32 (len(text.encode()) + add_bos + add_eos,): [BOS] UTF-8 bytes [EOS]."""
-        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-        parts = [[BOS_ID]] * add_bos + [ids] + [[EOS_ID]] * add_eos
-        return np.concatenate(parts).astype(np.int32)
-
-    def decode(self, ids) -> str:
-        """Decodes ids of any shape (flattened), dropping ids >= 256; bad UTF-8 -> U+FFFD."""
-        ids = np.asarray(ids).reshape(-1)
-        data = ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
-        return data.decode("utf-8", errors="replace")
 
 
 def load_bundled_corpus() -> str:
@@ -119,21 +100,57 @@ def collect_text_files(sources: list[str]) -> list[epath.Path]:
     return files
 
 
-def _write_split(out_dir: epath.Path, split: str, docs: list[str], records_per_shard: int) -> dict:
+def read_documents(
+    sources: list[str] | None, max_doc_chars: int = MAX_DOC_CHARS
+) -> tuple[list[str], list[str]]:
+    """(source names, documents) of text sources (or the bundled corpus for None), each
+    file cut by `split_documents`."""
+    if sources is None:
+        names, texts = [f"bundled:{BUNDLED_CORPUS}"], [load_bundled_corpus()]
+    else:
+        files = collect_text_files(list(sources))
+        names, texts = [str(f) for f in files], [_read_text(f) for f in files]
+    docs = [doc for text in texts for doc in split_documents(text, max_doc_chars)]
+    if not docs:
+        raise ValueError(f"empty corpus: the source files {names} contain no text")
+    return names, docs
+
+
+def _write_split(
+    out_dir: epath.Path, split: str, docs: list[str], records_per_shard: int, tok
+) -> dict:
     """Writes `docs` as ArrayRecord shards in local `out_dir`; returns the split's meta.json
-    entry."""
+    entry ("num_tokens" counts one EOS per document)."""
     num_shards = -(-len(docs) // records_per_shard)
     shards = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-    num_bytes = 0
+    num_bytes = num_tokens = 0
     for i, name in enumerate(shards):
         writer = ArrayRecordWriter(str(out_dir / name), "group_size:1")
         for doc in docs[i * records_per_shard : (i + 1) * records_per_shard]:
-            record = doc.encode("utf-8")
-            num_bytes += len(record)
+            utf8 = doc.encode("utf-8")
+            record = utf8 if tok.kind == "byte" else tok.encode(doc).astype("<u4").tobytes()
+            num_bytes += len(utf8)
+            num_tokens += len(record) // _record_itemsize(tok.kind) + 1
             writer.write(record)
         writer.close()
-    n = len(docs)
-    return {"num_docs": n, "num_bytes": num_bytes, "num_tokens": num_bytes + n, "shards": shards}
+    return {
+        "num_docs": len(docs),
+        "num_bytes": num_bytes,
+        "num_tokens": num_tokens,
+        "shards": shards,
+    }
+
+
+def _record_itemsize(kind: str) -> int:
+    return 1 if kind == "byte" else 4
+
+
+def tokenizer_meta(meta: dict) -> dict:
+    """meta.json's tokenizer entry with "kind", "eos" and "pad" (older byte-tokenizer
+    directories name the kind "type")."""
+    info = dict(meta["tokenizer"])
+    info.setdefault("kind", info.get("type", "byte"))
+    return info
 
 
 def prepare_corpus(
@@ -144,6 +161,7 @@ def prepare_corpus(
     seed: int = 0,
     records_per_shard: int = 1024,
     max_doc_chars: int = MAX_DOC_CHARS,
+    tokenizer: str = "byte",
 ) -> dict:
     """Cuts text into documents and writes train/validation ArrayRecord shards + meta.json.
 
@@ -161,26 +179,21 @@ def prepare_corpus(
         seed: seed of the train/validation assignment.
         records_per_shard: documents per ArrayRecord shard.
         max_doc_chars: maximum document length in characters.
+        tokenizer: a ``tokenizers.load`` spec; its identity goes into meta.json.
 
     Returns:
-        The meta.json dict; meta["splits"][split] has "num_docs", "num_bytes",
-        "num_tokens" (bytes + one EOS per document) and "shards" (file names).
+        The meta.json dict; meta["splits"][split] has "num_docs", "num_bytes" (UTF-8),
+        "num_tokens" (tokens + one EOS per document) and "shards" (file names).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    tok = tokenizers.load(tokenizer)
     out = paths.path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
-    if sources is None:
-        names, texts = [f"bundled:{BUNDLED_CORPUS}"], [load_bundled_corpus()]
-    else:
-        files = collect_text_files(list(sources))
-        names, texts = [str(f) for f in files], [_read_text(f) for f in files]
-    docs = [doc for text in texts for doc in split_documents(text, max_doc_chars)]
-    if not docs:
-        raise ValueError(f"empty corpus: the source files {names} contain no text")
+    names, docs = read_documents(sources, max_doc_chars)
 
     num_val = min(len(docs) - 1, max(int(val_fraction > 0), round(val_fraction * len(docs))))
     is_val = np.zeros(len(docs), dtype=bool)
@@ -195,14 +208,14 @@ def prepare_corpus(
         local.mkdir(parents=True, exist_ok=True)
         meta = {
             "format_version": 1,
-            "tokenizer": dict(
-                type="byte", vocab_size=VOCAB_SIZE, bos=BOS_ID, eos=EOS_ID, pad=PAD_ID
-            ),
+            "tokenizer": {**tok.identity, "spec": tokenizer, "eos": tok.eos_id, "pad": tok.pad_id},
             "sources": names,
             "seed": seed,
             "val_fraction": val_fraction,
             "max_doc_chars": max_doc_chars,
-            "splits": {s: _write_split(local, s, split_docs[s], records_per_shard) for s in SPLITS},
+            "splits": {
+                s: _write_split(local, s, split_docs[s], records_per_shard, tok) for s in SPLITS
+            },
         }
         (local / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if remote:
@@ -229,14 +242,15 @@ def read_meta(data_dir: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _doc_tokens(record: bytes) -> np.ndarray:
-    """Returns int32 (len(record) + 1,): a stored document's bytes, then EOS_ID."""
-    return np.append(np.frombuffer(record, dtype=np.uint8).astype(np.int32), np.int32(EOS_ID))
+def _doc_tokens(record: bytes, kind: str, eos: int) -> np.ndarray:
+    """int32: a stored document's tokens (its bytes, or its uint32 ids), then EOS."""
+    ids = np.frombuffer(record, dtype=np.uint8 if kind == "byte" else "<u4")
+    return np.append(ids.astype(np.int32), np.int32(eos))
 
 
-def _make_example(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+def _make_example(tokens: np.ndarray, seq_len: int, pad: int = PAD_ID) -> dict[str, np.ndarray]:
     """Pads a window of n <= seq_len + 1 tokens; weights are 1 on the n - 1 real targets."""
-    window = np.full(seq_len + 1, PAD_ID, dtype=np.int32)
+    window = np.full(seq_len + 1, pad, dtype=np.int32)
     window[: len(tokens)] = tokens
     return {
         "inputs": window[:-1],
@@ -260,13 +274,16 @@ class _SplitWindows:
                 f"{data_dir!r}: the loaders read local shards only (ArrayRecord's reader); "
                 "copy it to this host with data_cache.ensure_prepared or data_cache.stage"
             )
-        info = read_meta(data_dir)["splits"][split]
+        meta = read_meta(data_dir)
+        info, tok = meta["splits"][split], tokenizer_meta(meta)
+        self._kind, self._eos, self.pad = tok["kind"], tok["eos"], tok["pad"]
         if info["num_docs"] == 0:
             raise ValueError(f"split {split!r} of {data_dir!r} has no documents")
         self._source = grain.sources.ArrayRecordDataSource(
             [str(paths.path(data_dir) / shard) for shard in info["shards"]]
         )
-        lengths = [len(self._source[i]) + 1 for i in range(len(self._source))]
+        size = _record_itemsize(self._kind)
+        lengths = [len(self._source[i]) // size + 1 for i in range(len(self._source))]
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # int64 (num_docs + 1,)
         self.num_tokens = int(self._starts[-1])
         if seq_len + 1 > self.num_tokens:
@@ -286,14 +303,14 @@ class _SplitWindows:
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         last = int(np.searchsorted(self._starts, stop - 1, side="right")) - 1
         records = [self._source[d] for d in range(first, last + 1)]
-        tokens = np.concatenate([_doc_tokens(record) for record in records])
+        tokens = np.concatenate([_doc_tokens(r, self._kind, self._eos) for r in records])
         offset = start - int(self._starts[first])
         return tokens[offset : offset + stop - start]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         start = index * self._seq_len
         stop = min(start + self._seq_len + 1, self.num_tokens)
-        return _make_example(self.stream_slice(start, stop), self._seq_len)
+        return _make_example(self.stream_slice(start, stop), self._seq_len, self.pad)
 
 
 def _check_hosts(batch_size: int, process_index: int, process_count: int) -> int:
@@ -371,7 +388,7 @@ def eval_batches(
     num_batches = -(-len(windows) // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
-    padding = _make_example(np.zeros(0, dtype=np.int32), seq_len)
+    padding = _make_example(np.zeros(0, dtype=np.int32), seq_len, windows.pad)
     batches = []
     for b in range(num_batches):
         first = b * batch_size + process_index * local_batch

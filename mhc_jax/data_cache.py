@@ -14,7 +14,7 @@ import tempfile
 
 from etils import epath
 
-from mhc_jax import data, paths
+from mhc_jax import data, paths, tokenizers
 
 
 def check_source(path: str) -> None:
@@ -48,14 +48,33 @@ def _publish(tmp: epath.Path, target: epath.Path) -> None:
             raise  # Not a lost race against another preparer.
 
 
-def ensure_prepared(path: str, cache_dir: str) -> str:
+def check_tokenizer(data_dir: str, tokenizer_id: str) -> None:
+    """Stops a run whose prepared data was made with another tokenizer than its config's.
+
+    Raises:
+      ValueError: naming both tokenizers.
+    """
+    info = data.tokenizer_meta(data.read_meta(data_dir))
+    made_with = tokenizers.identity_string(info)
+    if made_with != tokenizer_id:
+        raise ValueError(
+            f"the data in {data_dir} was prepared with tokenizer {made_with} "
+            f"({info.get('spec', info['kind'])}), but this run's data.tokenizer is "
+            f"{tokenizer_id}; prepare the data with the run's tokenizer or set data.tokenizer "
+            "to the data's"
+        )
+
+
+def ensure_prepared(path: str, cache_dir: str, tokenizer: str = "byte") -> str:
     """Returns a local prepared data directory for `path`, preparing it at most once.
 
     `path`: "" = bundled corpus (cached as `cache_dir`/bundled-shakespeare); a prepared
     directory (has meta.json) is used as is; a text file/directory is prepared into
     `cache_dir`/text-<hash of its absolute path or URL> (keyed by path only: delete the
-    entry after editing the text). Data is prepared in a local temporary directory, then
-    renamed into a local cache or uploaded to a gs:// one (meta.json last: a directory
+    entry after editing the text). Text is tokenized by `tokenizer` (a
+    ``tokenizers.load`` spec; other than "byte", its identity joins the cache key). Data
+    is prepared in a local temporary directory, then renamed into a local cache or
+    uploaded to a gs:// one (meta.json last: a directory
     holding meta.json is complete; hosts preparing at once upload the same files, and
     the leftovers of a killed upload are overwritten).
 
@@ -70,6 +89,9 @@ def ensure_prepared(path: str, cache_dir: str) -> str:
             key, sources = "text-" + hashlib.sha256(source.encode()).hexdigest()[:16], [source]
         else:
             key, sources = "bundled-shakespeare", None
+        if tokenizer != "byte":
+            tok_id = tokenizers.identity_string(tokenizers.load(tokenizer).identity)
+            key += "-" + hashlib.sha256(tok_id.encode()).hexdigest()[:12]
         cache = paths.path(cache_dir)
         prepared = cache / key
         if not (prepared / data.META_FILE).is_file():
@@ -77,7 +99,7 @@ def ensure_prepared(path: str, cache_dir: str) -> str:
             local_cache.mkdir(parents=True, exist_ok=True)
             tmp = epath.Path(tempfile.mkdtemp(prefix=f".{key}-", dir=local_cache))
             try:
-                data.prepare_corpus(sources, str(tmp))
+                data.prepare_corpus(sources, str(tmp), tokenizer=tokenizer)
                 if paths.is_remote(cache):
                     data.copy_prepared(tmp, prepared)
                 else:

@@ -25,7 +25,7 @@ from absl import logging as absl_logging
 
 from mhc_jax import config as config_lib
 from mhc_jax import data as data_lib
-from mhc_jax import data_cache, paths, run_dir
+from mhc_jax import data_cache, paths, run_dir, tokenizers
 from mhc_jax.checkpointing import Checkpointer
 from mhc_jax.diagnostics import gain_profile, heatmap_image
 from mhc_jax.logging import MetricsLogger
@@ -66,18 +66,25 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _evaluate(eval_step, params, batches, layout) -> dict[str, float]:
+def _evaluate(eval_step, params, batches, layout, tokens_per_byte) -> dict[str, float]:
     loss_sum = weight_sum = 0.0
     for batch in batches:
         loss, weight = eval_step(params, layout.put_batch(batch))
         loss_sum += float(loss)
         weight_sum += float(weight)
-    return eval_metrics(loss_sum, weight_sum)
+    return eval_metrics(loss_sum, weight_sum, tokens_per_byte)
 
 
-def _sample(params, model_cfg, t_cfg) -> str:
-    tok = data_lib.ByteTokenizer()
-    prompt = jnp.asarray(tok.encode(t_cfg.sample_prompt, add_bos=True)[None, :])
+def sample_prompt(tok, text: str) -> jax.Array:
+    """(1, P) ids starting a sample: the byte tokenizer's BOS then the text's bytes; for
+    the others the text's tokens after an EOS (a document boundary, as in training)."""
+    if tok.kind == "byte":
+        return jnp.asarray(tok.encode(text, add_bos=True)[None, :])
+    return jnp.asarray(np.concatenate([[tok.eos_id], tok.encode(text)]).astype(np.int32)[None])
+
+
+def _sample(params, model_cfg, t_cfg, tok) -> str:
+    prompt = sample_prompt(tok, t_cfg.sample_prompt)
     # One sequence cannot be split over the mesh: sample outside it (XLA places
     # the computation from the sharded parameters).
     with jax.set_mesh(None), nn.logical_axis_rules(()):
@@ -110,6 +117,24 @@ def load_run(workdir: str, step: int | None = None):
     return model_cfg, restored.state.params, restored.step
 
 
+def run_tokenizer(workdir: str):
+    """The tokenizer a training run recorded (``data.tokenizer``), checked against the
+    identity it recorded (``data.tokenizer_id``).
+
+    Raises:
+      ValueError: the tokenizer file changed since the run (both identities named).
+    """
+    cfg = config_lib.config_from_json((paths.path(workdir) / run_dir.CONFIG_FILE).read_text())
+    tok = tokenizers.load(cfg.data.tokenizer)
+    now = tokenizers.identity_string(tok.identity)
+    if now != cfg.data.tokenizer_id:
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r} is now {now}, but the run in {workdir} "
+            f"was trained with {cfg.data.tokenizer_id}: the tokenizer file changed"
+        )
+    return tok
+
+
 def _print_done(result: dict, prefix: str = "Done") -> None:
     summary = ", ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -140,11 +165,6 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
     start_time = time.time()
     workdir = paths.path(workdir)
     opt_cfg = config_lib.optimizer_config(config)
-    if model_cfg.vocab_size < data_lib.VOCAB_SIZE:
-        raise ValueError(
-            f"model.vocab_size={model_cfg.vocab_size} is invalid: must be >= the tokenizer's "
-            f"{data_lib.VOCAB_SIZE}"
-        )
     t_cfg, d_cfg, l_cfg = config.training, config.data, config.logging
     is_main = jax.process_index() == 0
     # Read-only checks first: a refused config or data source leaves the workdir as it was.
@@ -156,7 +176,12 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
             _print_done(finished, f"Already trained to step {finished['steps']}")
         return finished
 
-    data_dir = data_cache.ensure_prepared(d_cfg.path, d_cfg.cache_dir or str(workdir / "data"))
+    tok = tokenizers.load(d_cfg.tokenizer)
+    cache_dir = d_cfg.cache_dir or str(workdir / "data")
+    data_dir = data_cache.ensure_prepared(d_cfg.path, cache_dir, d_cfg.tokenizer)
+    data_cache.check_tokenizer(data_dir, d_cfg.tokenizer_id)
+    val_split = data_lib.read_meta(data_dir)["splits"]["validation"]
+    tokens_per_byte = val_split["num_tokens"] / max(val_split["num_bytes"], 1)
     train_iter = data_lib.make_train_iterator(
         data_dir,
         seq_len=d_cfg.seq_len,
@@ -272,7 +297,7 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
             last = step == t_cfg.num_steps
             val = None
             if step % t_cfg.eval_every == 0 or last:
-                val = _evaluate(eval_step, state.params, eval_batches, layout)
+                val = _evaluate(eval_step, state.params, eval_batches, layout, tokens_per_byte)
                 logger.scalars(step, "validation", val)
                 result.update(val_loss=val["loss"], val_bits_per_byte=val["bits_per_byte"])
             if step % t_cfg.checkpoint_every == 0 or last or stop.requested:
@@ -309,7 +334,7 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
     if preempted:
         result["preempted"] = 1
     elif t_cfg.sample_tokens > 0:
-        sample = _sample(state.params, model_cfg, t_cfg)
+        sample = _sample(state.params, model_cfg, t_cfg, tok)
         logger.text(final_step, "sample", sample)
         result["sample"] = sample
         if is_main:

@@ -34,6 +34,7 @@ def preflight(config: ml_collections.ConfigDict, devices=None) -> Preflight:
     Raises:
       ValueError: naming the first invalid field, its value and what is allowed.
     """
+    config_lib.resolve_tokenizer(config)
     model_cfg = deterministic_model(config_lib.model_config(config), config.training.deterministic)
     config_lib.optimizer_config(config)
     layout = Layout.create(config_lib.mesh_config(config), model_cfg, devices)

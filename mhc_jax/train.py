@@ -169,10 +169,14 @@ def make_eval_step(model_cfg: ModelConfig):
     return eval_step
 
 
-def eval_metrics(loss_sum: float, weight_sum: float) -> dict[str, float]:
-    """Validation loss (nats/token) and bits per byte (tokens are bytes; EOS counts as one)."""
+def eval_metrics(
+    loss_sum: float, weight_sum: float, tokens_per_byte: float = 1.0
+) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per UTF-8 byte of the text: the loss per
+    token times the validation split's tokens per byte (EOS tokens included, their loss
+    charged to the text), comparable across tokenizers."""
     loss = loss_sum / max(weight_sum, 1.0)
-    return {"loss": loss, "bits_per_byte": loss / LN2}
+    return {"loss": loss, "bits_per_byte": loss / LN2 * tokens_per_byte}
 
 
 @dataclasses.dataclass(frozen=True)

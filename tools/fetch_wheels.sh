@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=(
   array-record grain ml-collections tensorboardx portpicker tzdata safetensors
+  # the tokenizers (mhc_jax/tokenizers.py) and what huggingface tokenizers needs
+  sentencepiece tokenizers tiktoken regex huggingface-hub hf-xet filelock httpx2 httpcore2
+  anyio h11 click truststore
   # the Cloud Storage path test: gcsfs, google-cloud-storage and the emulator
   fsspec gcsfs gcp-storage-emulator google-api-core google-auth google-auth-oauthlib
   google-cloud-core google-cloud-storage google-cloud-storage-control google-crc32c
