@@ -43,13 +43,17 @@ from mhc_jax import data, tokenizers
 _SOURCES = flags.DEFINE_list(
     "sources",
     [],
-    "Comma-separated text files/directories (local or gs://); empty = the bundled corpus.",
+    "Comma-separated files, directories or globs (.txt, .jsonl[.gz|.zst|.xz], .json.gz, "
+    ".parquet; local or gs://); empty = the bundled corpus.",
 )
 _OUT_DIR = flags.DEFINE_string(
     "out_dir", None, "Output directory, local or gs:// (missing or empty)."
 )
 _VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.05, "Share of documents for validation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the train/validation split.")
+_TEXT_FIELD = flags.DEFINE_string(
+    "text_field", "text", "The JSON field / parquet column holding each document's text."
+)
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", "byte", "byte | sentencepiece:PATH | hf:PATH | tiktoken:PATH (tokenizers.py)."
 )
@@ -77,7 +81,7 @@ def main(argv: list[str]) -> None:
             )
         if not _TOKENIZER_PATH.value:
             raise app.UsageError("--train_tokenizer needs --tokenizer_path")
-        _, docs = data.read_documents(sources)
+        _, docs = data.read_documents(sources, text_field=_TEXT_FIELD.value)
         tokenizer = tokenizers.train_sentencepiece(docs, int(vocab), _TOKENIZER_PATH.value)
         print(f"trained {tokenizer}: pass --config.data.tokenizer={tokenizer} to train")
     meta = data.prepare_corpus(
@@ -86,6 +90,7 @@ def main(argv: list[str]) -> None:
         val_fraction=_VAL_FRACTION.value,
         seed=_SEED.value,
         tokenizer=tokenizer,
+        text_field=_TEXT_FIELD.value,
     )
     print(f"wrote {_OUT_DIR.value} from {len(meta['sources'])} source file(s)")
     for split, info in meta["splits"].items():
@@ -93,6 +98,9 @@ def main(argv: list[str]) -> None:
             f"  {split:<10} {info['num_docs']:>8} docs {info['num_bytes']:>12} bytes "
             f"{info['num_tokens']:>12} tokens {len(info['shards']):>4} shard(s)"
         )
+    if meta["skipped"]:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(meta["skipped"].items()))
+        print(f"  skipped malformed records: {skipped}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
             path="",  # "" = bundled corpus; else a prepared dir or text files/dirs
             # "byte" | sentencepiece:PATH | hf:PATH | tiktoken:PATH (mhc_jax/tokenizers.py)
             tokenizer="byte",
+            text_field="text",  # the JSON field / parquet column of raw sources' text
             # set by resolve_tokenizer: the tokenizer's kind, vocab size and file hash
             tokenizer_id=tokenizers.BYTE_IDENTITY,
             cache_dir="",  # "" = <workdir>/data

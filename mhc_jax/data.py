@@ -28,6 +28,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from mhc_jax import paths, tokenizers
+from mhc_jax import sources as sources_lib
 
 BOS_ID, EOS_ID, PAD_ID = tokenizers.BYTE_BOS, tokenizers.BYTE_EOS, tokenizers.BYTE_PAD
 VOCAB_SIZE = tokenizers.BYTE_VOCAB
@@ -67,49 +68,21 @@ def split_documents(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     return chunks
 
 
-def _read_text(path: epath.Path) -> str:
-    """Reads a UTF-8 text file; a ``.xz`` file is decompressed first."""
-    data = path.read_bytes()
-    if path.suffix == ".xz":
-        try:
-            data = lzma.decompress(data)
-        except lzma.LZMAError as e:
-            raise ValueError(f"{path}: bad .xz data ({e})") from e
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from e
-
-
-def collect_text_files(sources: list[str]) -> list[epath.Path]:
-    """Expands files and directories (recursively: *.txt, *.txt.xz) into a file list."""
-    if not sources:
-        raise ValueError("sources is empty; pass None for the bundled corpus")
-    files = []
-    for src in sources:
-        path = paths.path(src)
-        if not path.exists():
-            raise ValueError(f"source {src!r} does not exist")
-        if path.is_dir():
-            found = [p for p in paths.walk_files(path) if p.name.endswith((".txt", ".txt.xz"))]
-            if not found:
-                raise ValueError(f"source directory {src!r} contains no *.txt or *.txt.xz files")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
-
-
 def read_documents(
-    sources: list[str] | None, max_doc_chars: int = MAX_DOC_CHARS
+    sources: list[str] | None,
+    max_doc_chars: int = MAX_DOC_CHARS,
+    text_field: str = "text",
+    stats: sources_lib.SourceStats | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(source names, documents) of text sources (or the bundled corpus for None), each
-    file cut by `split_documents`."""
+    """(source file names, documents) of text sources in any ``sources`` format (or the
+    bundled corpus for None), each text cut by `split_documents`; `stats` counts the
+    documents read and the malformed records skipped."""
     if sources is None:
         names, texts = [f"bundled:{BUNDLED_CORPUS}"], [load_bundled_corpus()]
     else:
-        files = collect_text_files(list(sources))
-        names, texts = [str(f) for f in files], [_read_text(f) for f in files]
+        files = sources_lib.collect_files(list(sources))
+        names = [str(f) for f in files]
+        texts = (text for _, text in sources_lib.iter_texts(files, text_field, stats))
     docs = [doc for text in texts for doc in split_documents(text, max_doc_chars)]
     if not docs:
         raise ValueError(f"empty corpus: the source files {names} contain no text")
@@ -162,6 +135,7 @@ def prepare_corpus(
     records_per_shard: int = 1024,
     max_doc_chars: int = MAX_DOC_CHARS,
     tokenizer: str = "byte",
+    text_field: str = "text",
 ) -> dict:
     """Cuts text into documents and writes train/validation ArrayRecord shards + meta.json.
 
@@ -170,9 +144,8 @@ def prepare_corpus(
     leaving at least 1 for train, form validation; each split keeps corpus order.
 
     Args:
-        sources: text files and/or directories (searched recursively for *.txt, *.txt.xz;
-            files ending in .xz are decompressed), local or gs://, or None for the bundled
-            corpus.
+        sources: files, directories or globs in the formats of ``mhc_jax.sources``
+            (text, JSON lines, parquet), local or gs://, or None for the bundled corpus.
         out_dir: output directory, local or gs:// (shards are written locally, then
             uploaded, meta.json last); must be missing or empty.
         val_fraction: share of documents for validation, in [0, 1).
@@ -180,10 +153,12 @@ def prepare_corpus(
         records_per_shard: documents per ArrayRecord shard.
         max_doc_chars: maximum document length in characters.
         tokenizer: a ``tokenizers.load`` spec; its identity goes into meta.json.
+        text_field: the JSON field or parquet column holding a document's text.
 
     Returns:
         The meta.json dict; meta["splits"][split] has "num_docs", "num_bytes" (UTF-8),
-        "num_tokens" (tokens + one EOS per document) and "shards" (file names).
+        "num_tokens" (tokens + one EOS per document) and "shards" (file names);
+        meta["skipped"] counts the malformed records skipped, by reason.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -193,7 +168,8 @@ def prepare_corpus(
     out = paths.path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
-    names, docs = read_documents(sources, max_doc_chars)
+    stats = sources_lib.SourceStats()
+    names, docs = read_documents(sources, max_doc_chars, text_field, stats)
 
     num_val = min(len(docs) - 1, max(int(val_fraction > 0), round(val_fraction * len(docs))))
     is_val = np.zeros(len(docs), dtype=bool)
@@ -213,6 +189,7 @@ def prepare_corpus(
             "seed": seed,
             "val_fraction": val_fraction,
             "max_doc_chars": max_doc_chars,
+            "skipped": stats.skipped,
             "splits": {
                 s: _write_split(local, s, split_docs[s], records_per_shard, tok) for s in SPLITS
             },

@@ -14,7 +14,7 @@ import tempfile
 
 from etils import epath
 
-from mhc_jax import data, paths, tokenizers
+from mhc_jax import data, paths, sources, tokenizers
 
 
 def check_source(path: str) -> None:
@@ -28,11 +28,11 @@ def check_source(path: str) -> None:
         return
     allowed = (
         "must be '' (the bundled corpus), a prepared data directory (holding meta.json, see "
-        "experiments/prepare_data.py) or text files / directories of *.txt and *.txt.xz "
-        "files, local or gs://"
+        "experiments/prepare_data.py) or source files, directories or globs "
+        f"({', '.join(sources.SUFFIXES)}), local or gs://"
     )
     try:
-        data.collect_text_files([path])
+        sources.collect_files([path])
     except ValueError as e:
         raise ValueError(f"data.path={path!r} is invalid ({e}): {allowed}") from None
 
@@ -65,14 +65,17 @@ def check_tokenizer(data_dir: str, tokenizer_id: str) -> None:
         )
 
 
-def ensure_prepared(path: str, cache_dir: str, tokenizer: str = "byte") -> str:
+def ensure_prepared(
+    path: str, cache_dir: str, tokenizer: str = "byte", text_field: str = "text"
+) -> str:
     """Returns a local prepared data directory for `path`, preparing it at most once.
 
     `path`: "" = bundled corpus (cached as `cache_dir`/bundled-shakespeare); a prepared
     directory (has meta.json) is used as is; a text file/directory is prepared into
     `cache_dir`/text-<hash of its absolute path or URL> (keyed by path only: delete the
     entry after editing the text). Text is tokenized by `tokenizer` (a
-    ``tokenizers.load`` spec; other than "byte", its identity joins the cache key). Data
+    ``tokenizers.load`` spec; other than "byte", its identity joins the cache key, as
+    does a `text_field` other than "text"). Data
     is prepared in a local temporary directory, then renamed into a local cache or
     uploaded to a gs:// one (meta.json last: a directory
     holding meta.json is complete; hosts preparing at once upload the same files, and
@@ -92,6 +95,8 @@ def ensure_prepared(path: str, cache_dir: str, tokenizer: str = "byte") -> str:
         if tokenizer != "byte":
             tok_id = tokenizers.identity_string(tokenizers.load(tokenizer).identity)
             key += "-" + hashlib.sha256(tok_id.encode()).hexdigest()[:12]
+        if text_field != "text":
+            key += "-" + hashlib.sha256(text_field.encode()).hexdigest()[:8]
         cache = paths.path(cache_dir)
         prepared = cache / key
         if not (prepared / data.META_FILE).is_file():
@@ -99,7 +104,7 @@ def ensure_prepared(path: str, cache_dir: str, tokenizer: str = "byte") -> str:
             local_cache.mkdir(parents=True, exist_ok=True)
             tmp = epath.Path(tempfile.mkdtemp(prefix=f".{key}-", dir=local_cache))
             try:
-                data.prepare_corpus(sources, str(tmp), tokenizer=tokenizer)
+                data.prepare_corpus(sources, str(tmp), tokenizer=tokenizer, text_field=text_field)
                 if paths.is_remote(cache):
                     data.copy_prepared(tmp, prepared)
                 else:

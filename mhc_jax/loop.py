@@ -178,7 +178,7 @@ def _train_and_evaluate(config, workdir, model_cfg, layout: Layout) -> dict[str,
 
     tok = tokenizers.load(d_cfg.tokenizer)
     cache_dir = d_cfg.cache_dir or str(workdir / "data")
-    data_dir = data_cache.ensure_prepared(d_cfg.path, cache_dir, d_cfg.tokenizer)
+    data_dir = data_cache.ensure_prepared(d_cfg.path, cache_dir, d_cfg.tokenizer, d_cfg.text_field)
     data_cache.check_tokenizer(data_dir, d_cfg.tokenizer_id)
     val_split = data_lib.read_meta(data_dir)["splits"]["validation"]
     tokens_per_byte = val_split["num_tokens"] / max(val_split["num_bytes"], 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from mhc_jax import data, data_cache
+from mhc_jax import data, data_cache, sources
 
 MAX_DOC_CHARS = 2000
 _WORDS = ["the", "king", "wörld", "straße", "日本語", "🙂", "crown", "ale", "thou", "naïve"]
@@ -267,7 +267,7 @@ def test_ensure_prepared_caches(corpus, prepared, tmp_path, monkeypatch):
 def test_prepare_errors(tmp_path):
     out = str(tmp_path / "out")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(ValueError, match=r"empty_dir.*no \*\.txt"):
+    with pytest.raises(ValueError, match=r"empty_dir.*holds no files ending in"):
         data.prepare_corpus([str(tmp_path / "empty_dir")], out)
     with pytest.raises(ValueError, match="missing.txt.*does not exist"):
         data.prepare_corpus([str(tmp_path / "missing.txt")], out)
@@ -313,7 +313,7 @@ def test_directory_sources_keep_pathlib_order(tmp_path):
     for name in ("a/b.txt", "a-c.txt", "a/z/y.txt.xz", "b.txt", "a/notes.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    found = [str(p) for p in data.collect_text_files([str(tmp_path)])]
+    found = [str(p) for p in sources.collect_files([str(tmp_path)])]
     want = sorted(p for p in tmp_path.rglob("*") if p.name.endswith((".txt", ".txt.xz")))
     assert found == [str(p) for p in want]
     assert [p.split("/")[-1] for p in found] == ["b.txt", "y.txt.xz", "a-c.txt", "b.txt"]

@@ -11,6 +11,8 @@ missing=(
   # the tokenizers (mhc_jax/tokenizers.py) and what huggingface tokenizers needs
   sentencepiece tokenizers tiktoken regex huggingface-hub hf-xet filelock httpx2 httpcore2
   anyio h11 click truststore
+  # the source formats (mhc_jax/sources.py): parquet and zstd
+  pyarrow zstandard
   # the Cloud Storage path test: gcsfs, google-cloud-storage and the emulator
   fsspec gcsfs gcp-storage-emulator google-api-core google-auth google-auth-oauthlib
   google-cloud-core google-cloud-storage google-cloud-storage-control google-crc32c
