@@ -47,7 +47,7 @@ SPLITS = ("train", "validation", "diagnostics")
 CONNECTION_ORDER = {"residual": 0, "hc": 1, "mhc": 2}
 COLORS = {"residual": "0.3", "hc": "tab:red", "mhc": "tab:blue"}
 COLUMNS = tuple(
-    "run connection n seed params_total params_added steps final_val_loss best_val_loss "
+    "run connection n seed tokenizer params_total params_added steps final_val_loss best_val_loss "
     "val_bits_per_byte tokens_per_s amax_fwd_max amax_bwd_max grad_norm_spikes "
     "nonfinite_skips".split()
 )
@@ -82,6 +82,11 @@ class RunData:
     @property
     def seed(self) -> int:
         return int(self.config.training.seed)
+
+    @property
+    def tokenizer(self) -> str:
+        """ "kind:vocab_size" of the run's tokenizer (its file hash left out)."""
+        return ":".join(self.config.data.tokenizer_id.split(":")[:2])
 
     def series(self, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) float64 arrays of ``key`` in the ``split`` records."""
@@ -176,6 +181,7 @@ def summarize(run: RunData) -> dict:
         "connection": run.connection,
         "n": run.n,
         "seed": run.seed,
+        "tokenizer": run.tokenizer,
         "params_total": params["total"],
         "params_added": params["connections"],
         "steps": int(run.metrics["train"][-1]["step"]) if run.metrics["train"] else 0,
@@ -215,14 +221,15 @@ def _fmt(value, digits: int = 4) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """A Markdown table of ``rows`` (params as total / added by the connections)."""
     header = (
-        "run|connection|n|seed|params (total / added)|steps|final val loss|best val loss|"
+        "run|connection|n|seed|tokenizer|params (total / added)|steps|final val loss|best val loss|"
         "val bits/byte|tokens/s|max composite Amax (fwd / bwd)|grad-norm spikes|non-finite skips"
     )
     lines = [f"| {header.replace('|', ' | ')} |", "|" + "---|" * (header.count("|") + 1)]
     for r in rows:
         params = f"{_human(r['params_total'])} / {_human(r['params_added'])}"
         amax = f"{_fmt(r['amax_fwd_max'], 3)} / {_fmt(r['amax_bwd_max'], 3)}"
-        cells = [r[k] for k in ("run", "connection", "n", "seed")] + [params, r["steps"]]
+        cells = [r[k] for k in ("run", "connection", "n", "seed", "tokenizer")]
+        cells += [params, r["steps"]]
         cells += [_fmt(r[k]) for k in ("final_val_loss", "best_val_loss", "val_bits_per_byte")]
         cells += [_fmt(r["tokens_per_s"], 0), "—" if r["amax_fwd_max"] is None else amax]
         cells += [r["grad_norm_spikes"], r["nonfinite_skips"]]
@@ -250,19 +257,21 @@ def plot_loss_curves(runs: list[RunData], cols: int = 4) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.supxlabel("step")
-    fig.supylabel("loss (nats/byte)")
+    fig.supylabel("loss (nats/token)")
     return fig
 
 
 def plot_val_loss_vs_n(rows: list[dict]) -> Figure:
-    """Final validation loss vs n per connection: mean ± std over seeds (``summarize`` rows)."""
+    """Final validation loss vs n per connection: mean ± std over seeds (``summarize`` rows).
+    Runs with different tokenizers compare by bits per byte (a loss per token does not)."""
+    metric = "val_bits_per_byte" if len({r["tokenizer"] for r in rows}) > 1 else "final_val_loss"
     fig = Figure(figsize=(5, 3.5), layout="constrained")
     ax = fig.subplots()
     for conn in sorted({r["connection"] for r in rows}, key=lambda c: CONNECTION_ORDER.get(c, 9)):
         by_n: dict[int, list[float]] = {}
         for r in rows:
-            if r["connection"] == conn and r["final_val_loss"] is not None:
-                by_n.setdefault(r["n"], []).append(r["final_val_loss"])
+            if r["connection"] == conn and r[metric] is not None:
+                by_n.setdefault(r["n"], []).append(r[metric])
         if not by_n:
             continue
         ns = sorted(by_n)
@@ -282,7 +291,7 @@ def plot_val_loss_vs_n(rows: list[dict]) -> Figure:
     ax.set_xlim(all_n[0] / 1.5, all_n[-1] * 1.5)
     ax.minorticks_off()
     ax.set_xlabel("expansion rate n")
-    ax.set_ylabel("final validation loss")
+    ax.set_ylabel("final validation " + ("bits per byte" if metric != "final_val_loss" else "loss"))
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()

@@ -334,3 +334,20 @@ def test_report_cli_and_bad_dirs(fake_sweep, tmp_path):
         report.load_sweep(str(tmp_path / "empty"))
     bad = _cli("report.py", f"--sweep_dir={tmp_path / 'empty'}", "--out_dir=/tmp/x")
     assert bad.returncode != 0 and "no runs under" in bad.stderr
+
+
+def test_runs_of_different_tokenizers_compare_by_bits_per_byte():
+    """A loss per token does not compare across tokenizers: the n plot switches to bits
+    per byte when the runs' tokenizers differ."""
+
+    def row(n, tokenizer, loss, bpb):
+        return dict(
+            connection="mhc", n=n, tokenizer=tokenizer, final_val_loss=loss, val_bits_per_byte=bpb
+        )
+
+    same = [row(2, "byte:259", 2.0, 3.0), row(4, "byte:259", 1.9, 2.9)]
+    mixed = [row(2, "byte:259", 2.0, 3.0), row(4, "sentencepiece:512", 3.5, 2.8)]
+    for rows, label, ys in ((same, "loss", [2.0, 1.9]), (mixed, "bits per byte", [3.0, 2.8])):
+        ax = report.plot_val_loss_vs_n(rows).axes[0]
+        assert ax.get_ylabel().endswith(label)
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), ys)
