@@ -38,7 +38,7 @@ it makes on each host (mhc_jax/data_cache.py)::
 
 from absl import app, flags
 
-from mhc_jax import data, tokenizers
+from mhc_jax import data, prepare, tokenizers
 
 _SOURCES = flags.DEFINE_list(
     "sources",
@@ -51,6 +51,7 @@ _OUT_DIR = flags.DEFINE_string(
 )
 _VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.05, "Share of documents for validation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the train/validation split.")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "Tokenizing worker processes.")
 _TEXT_FIELD = flags.DEFINE_string(
     "text_field", "text", "The JSON field / parquet column holding each document's text."
 )
@@ -84,13 +85,15 @@ def main(argv: list[str]) -> None:
         _, docs = data.read_documents(sources, text_field=_TEXT_FIELD.value)
         tokenizer = tokenizers.train_sentencepiece(docs, int(vocab), _TOKENIZER_PATH.value)
         print(f"trained {tokenizer}: pass --config.data.tokenizer={tokenizer} to train")
-    meta = data.prepare_corpus(
+    meta = prepare.prepare_corpus(
         sources,
         _OUT_DIR.value,
         val_fraction=_VAL_FRACTION.value,
         seed=_SEED.value,
         tokenizer=tokenizer,
         text_field=_TEXT_FIELD.value,
+        processes=_PROCESSES.value,
+        progress=True,
     )
     print(f"wrote {_OUT_DIR.value} from {len(meta['sources'])} source file(s)")
     for split, info in meta["splits"].items():

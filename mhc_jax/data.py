@@ -1,6 +1,6 @@
-"""LM data pipeline: bundled corpus, ArrayRecord shards, grain loaders.
+"""LM data pipeline: bundled corpus, documents, prepared directories, grain loaders.
 
-A prepared directory (`prepare_corpus`) holds meta.json and ArrayRecord shards
+A prepared directory (``prepare.prepare_corpus``) holds meta.json and ArrayRecord shards
 train-XXXXX-of-YYYYY.array_record, validation-... One record is one document: its UTF-8
 bytes for the byte tokenizer, its token ids as little-endian uint32 for the others
 (``tokenizers``); meta.json records the tokenizer's identity.
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import lzma
-import tempfile
 from importlib import resources
 
 import grain
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from mhc_jax import paths, tokenizers
@@ -68,50 +66,31 @@ def split_documents(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     return chunks
 
 
-def read_documents(
+def iter_documents(
     sources: list[str] | None,
     max_doc_chars: int = MAX_DOC_CHARS,
     text_field: str = "text",
     stats: sources_lib.SourceStats | None = None,
-) -> tuple[list[str], list[str]]:
-    """(source file names, documents) of text sources in any ``sources`` format (or the
-    bundled corpus for None), each text cut by `split_documents`; `stats` counts the
-    documents read and the malformed records skipped."""
+):
+    """(source file names, an iterator over documents) of sources in any ``sources``
+    format (or the bundled corpus for None), each text cut by `split_documents`; `stats`
+    counts the texts read and the malformed records skipped."""
     if sources is None:
-        names, texts = [f"bundled:{BUNDLED_CORPUS}"], [load_bundled_corpus()]
+        names, texts = [f"bundled:{BUNDLED_CORPUS}"], iter([load_bundled_corpus()])
     else:
         files = sources_lib.collect_files(list(sources))
         names = [str(f) for f in files]
         texts = (text for _, text in sources_lib.iter_texts(files, text_field, stats))
-    docs = [doc for text in texts for doc in split_documents(text, max_doc_chars)]
+    return names, (doc for text in texts for doc in split_documents(text, max_doc_chars))
+
+
+def read_documents(sources: list[str] | None, **kwargs) -> tuple[list[str], list[str]]:
+    """``iter_documents`` with the documents in a list (held in memory)."""
+    names, docs = iter_documents(sources, **kwargs)
+    docs = list(docs)
     if not docs:
         raise ValueError(f"empty corpus: the source files {names} contain no text")
     return names, docs
-
-
-def _write_split(
-    out_dir: epath.Path, split: str, docs: list[str], records_per_shard: int, tok
-) -> dict:
-    """Writes `docs` as ArrayRecord shards in local `out_dir`; returns the split's meta.json
-    entry ("num_tokens" counts one EOS per document)."""
-    num_shards = -(-len(docs) // records_per_shard)
-    shards = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-    num_bytes = num_tokens = 0
-    for i, name in enumerate(shards):
-        writer = ArrayRecordWriter(str(out_dir / name), "group_size:1")
-        for doc in docs[i * records_per_shard : (i + 1) * records_per_shard]:
-            utf8 = doc.encode("utf-8")
-            record = utf8 if tok.kind == "byte" else tok.encode(doc).astype("<u4").tobytes()
-            num_bytes += len(utf8)
-            num_tokens += len(record) // _record_itemsize(tok.kind) + 1
-            writer.write(record)
-        writer.close()
-    return {
-        "num_docs": len(docs),
-        "num_bytes": num_bytes,
-        "num_tokens": num_tokens,
-        "shards": shards,
-    }
 
 
 def _record_itemsize(kind: str) -> int:
@@ -126,80 +105,6 @@ def tokenizer_meta(meta: dict) -> dict:
     return info
 
 
-def prepare_corpus(
-    sources: list[str] | None,
-    out_dir: str,
-    *,
-    val_fraction: float = 0.05,
-    seed: int = 0,
-    records_per_shard: int = 1024,
-    max_doc_chars: int = MAX_DOC_CHARS,
-    tokenizer: str = "byte",
-    text_field: str = "text",
-) -> dict:
-    """Cuts text into documents and writes train/validation ArrayRecord shards + meta.json.
-
-    Each file is cut by `split_documents` (documents never span files). A random (by
-    `seed`) round(val_fraction * num_docs) documents, at least 1 if val_fraction > 0 and
-    leaving at least 1 for train, form validation; each split keeps corpus order.
-
-    Args:
-        sources: files, directories or globs in the formats of ``mhc_jax.sources``
-            (text, JSON lines, parquet), local or gs://, or None for the bundled corpus.
-        out_dir: output directory, local or gs:// (shards are written locally, then
-            uploaded, meta.json last); must be missing or empty.
-        val_fraction: share of documents for validation, in [0, 1).
-        seed: seed of the train/validation assignment.
-        records_per_shard: documents per ArrayRecord shard.
-        max_doc_chars: maximum document length in characters.
-        tokenizer: a ``tokenizers.load`` spec; its identity goes into meta.json.
-        text_field: the JSON field or parquet column holding a document's text.
-
-    Returns:
-        The meta.json dict; meta["splits"][split] has "num_docs", "num_bytes" (UTF-8),
-        "num_tokens" (tokens + one EOS per document) and "shards" (file names);
-        meta["skipped"] counts the malformed records skipped, by reason.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if records_per_shard < 1:
-        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    tok = tokenizers.load(tokenizer)
-    out = paths.path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
-    stats = sources_lib.SourceStats()
-    names, docs = read_documents(sources, max_doc_chars, text_field, stats)
-
-    num_val = min(len(docs) - 1, max(int(val_fraction > 0), round(val_fraction * len(docs))))
-    is_val = np.zeros(len(docs), dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(len(docs))[:num_val]] = True
-    split_docs = {
-        "train": [d for d, v in zip(docs, is_val) if not v],
-        "validation": [d for d, v in zip(docs, is_val) if v],
-    }
-    remote = paths.is_remote(out)
-    with tempfile.TemporaryDirectory(prefix="mhc_jax_prepare-") as tmp:
-        local = epath.Path(tmp) if remote else out  # ArrayRecordWriter opens local files only
-        local.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format_version": 1,
-            "tokenizer": {**tok.identity, "spec": tokenizer, "eos": tok.eos_id, "pad": tok.pad_id},
-            "sources": names,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "max_doc_chars": max_doc_chars,
-            "skipped": stats.skipped,
-            "splits": {
-                s: _write_split(local, s, split_docs[s], records_per_shard, tok) for s in SPLITS
-            },
-        }
-        (local / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if remote:
-            copy_prepared(local, out)
-    return meta
-
-
 def copy_prepared(src: epath.Path, dst: epath.Path) -> None:
     """Copies a prepared directory's shards, then its meta.json: a directory holding
     meta.json is complete."""
@@ -212,7 +117,7 @@ def copy_prepared(src: epath.Path, dst: epath.Path) -> None:
 
 
 def read_meta(data_dir: str) -> dict:
-    """Returns the meta.json dict of a prepared data directory (see `prepare_corpus`)."""
+    """Returns the meta.json dict of a prepared data directory (see ``prepare``)."""
     path = paths.path(data_dir) / META_FILE
     if not path.is_file():
         raise ValueError(f"{data_dir!r} has no {META_FILE}: not prepared (see prepare_corpus)")

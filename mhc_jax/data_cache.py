@@ -14,7 +14,7 @@ import tempfile
 
 from etils import epath
 
-from mhc_jax import data, paths, sources, tokenizers
+from mhc_jax import data, paths, prepare, sources, tokenizers
 
 
 def check_source(path: str) -> None:
@@ -104,7 +104,9 @@ def ensure_prepared(
             local_cache.mkdir(parents=True, exist_ok=True)
             tmp = epath.Path(tempfile.mkdtemp(prefix=f".{key}-", dir=local_cache))
             try:
-                data.prepare_corpus(sources, str(tmp), tokenizer=tokenizer, text_field=text_field)
+                prepare.prepare_corpus(
+                    sources, str(tmp), tokenizer=tokenizer, text_field=text_field
+                )
                 if paths.is_remote(cache):
                     data.copy_prepared(tmp, prepared)
                 else:

@@ -44,8 +44,7 @@ from test_train import (
     write_config,
 )
 
-from mhc_jax import data as data_lib
-from mhc_jax import loop, paths
+from mhc_jax import loop, paths, prepare
 from mhc_jax.checkpointing import saved_steps
 from mhc_jax.interop import deepseek_v4
 from mhc_jax.model import ModelConfig, init_params
@@ -173,7 +172,7 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     assert (bucket / "sweep" / "straight" / "data").is_dir()
 
     # The same text prepared on gs://; a child process trains on it and is killed.
-    data_lib.prepare_corpus([f"{gcs}/text"], f"{gcs}/prepared")
+    prepare.prepare_corpus([f"{gcs}/text"], f"{gcs}/prepared")
     cfg.data.path = f"{gcs}/prepared"
     write_config(cfg, tmp_path / "cfg.py")
     resumed = f"{gcs}/sweep/resumed"

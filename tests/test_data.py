@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from mhc_jax import data, data_cache, sources
+from mhc_jax import data, data_cache, prepare, sources
 
 MAX_DOC_CHARS = 2000
 _WORDS = ["the", "king", "wörld", "straße", "日本語", "🙂", "crown", "ale", "thou", "naïve"]
@@ -44,7 +44,7 @@ def corpus(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("prepared") / "data"
-    data.prepare_corpus(
+    prepare.prepare_corpus(
         [corpus["root"]],
         str(out),
         val_fraction=0.2,
@@ -129,7 +129,9 @@ def test_prepare_writes_every_byte_once(corpus, prepared):
     train, val = _records(prepared, "train"), _records(prepared, "validation")
     assert sorted(train + val) == expected
     meta = data.read_meta(prepared)
-    assert meta["splits"]["validation"]["num_docs"] == len(val) == round(0.2 * len(expected))
+    want_val = [d for d in expected if prepare.is_validation(d.decode(), 0, 0.2)]
+    assert meta["splits"]["validation"]["num_docs"] == len(val) and sorted(val) == want_val
+    assert 0 < len(val) < len(expected)
     for split, records in (("train", train), ("validation", val)):
         info = meta["splits"][split]
         assert info["num_docs"] == len(records)
@@ -137,15 +139,15 @@ def test_prepare_writes_every_byte_once(corpus, prepared):
         assert info["num_tokens"] == info["num_bytes"] + len(records)
         n = len(info["shards"])
         assert n == -(-len(records) // 4)
-        assert info["shards"] == [f"{split}-{i:05d}-of-{n:05d}.array_record" for i in range(n)]
+        assert info["shards"] == [f"{split}-{i:05d}.array_record" for i in range(n)]
     assert [Path(s).name for s in meta["sources"]] == ["a.txt", "c.txt.xz", "b.txt"]
     assert meta["tokenizer"]["vocab_size"] == data.VOCAB_SIZE
 
 
 def test_prepare_is_deterministic_by_seed(corpus, prepared, tmp_path):
     kwargs = dict(val_fraction=0.2, records_per_shard=4, max_doc_chars=MAX_DOC_CHARS)
-    data.prepare_corpus([corpus["root"]], str(tmp_path / "same"), seed=0, **kwargs)
-    data.prepare_corpus([corpus["root"]], str(tmp_path / "other"), seed=1, **kwargs)
+    prepare.prepare_corpus([corpus["root"]], str(tmp_path / "same"), seed=0, **kwargs)
+    prepare.prepare_corpus([corpus["root"]], str(tmp_path / "other"), seed=1, **kwargs)
     assert _records(str(tmp_path / "same"), "validation") == _records(prepared, "validation")
     assert _records(str(tmp_path / "other"), "validation") != _records(prepared, "validation")
 
@@ -258,7 +260,7 @@ def test_ensure_prepared_caches(corpus, prepared, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("prepared twice")
 
-    monkeypatch.setattr(data, "prepare_corpus", fail)
+    monkeypatch.setattr(prepare, "prepare_corpus", fail)
     assert data_cache.ensure_prepared("", str(cache)) == bundled
     assert data_cache.ensure_prepared(corpus["root"], str(cache)) == text_dir
     assert data_cache.ensure_prepared(prepared, str(cache)) == prepared
@@ -268,21 +270,21 @@ def test_prepare_errors(tmp_path):
     out = str(tmp_path / "out")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match=r"empty_dir.*holds no files ending in"):
-        data.prepare_corpus([str(tmp_path / "empty_dir")], out)
+        prepare.prepare_corpus([str(tmp_path / "empty_dir")], out)
     with pytest.raises(ValueError, match="missing.txt.*does not exist"):
-        data.prepare_corpus([str(tmp_path / "missing.txt")], out)
+        prepare.prepare_corpus([str(tmp_path / "missing.txt")], out)
     (tmp_path / "blank.txt").write_text("")
     with pytest.raises(ValueError, match="empty corpus.*blank.txt"):
-        data.prepare_corpus([str(tmp_path / "blank.txt")], out)
+        prepare.prepare_corpus([str(tmp_path / "blank.txt")], out)
     (tmp_path / "latin1.txt").write_bytes(b"hello\xe9 world")
     with pytest.raises(ValueError, match="latin1.txt: not valid UTF-8 at byte offset 5"):
-        data.prepare_corpus([str(tmp_path / "blank.txt"), str(tmp_path / "latin1.txt")], out)
+        prepare.prepare_corpus([str(tmp_path / "blank.txt"), str(tmp_path / "latin1.txt")], out)
     with pytest.raises(ValueError, match="val_fraction"):
-        data.prepare_corpus(None, out, val_fraction=1.0)
+        prepare.prepare_corpus(None, out, val_fraction=1.0)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
-        data.prepare_corpus(None, str(tmp_path / "full"))
+        prepare.prepare_corpus(None, str(tmp_path / "full"))
     assert not Path(out).exists()
 
 
@@ -291,7 +293,7 @@ def test_loader_errors(prepared, tmp_path):
     with pytest.raises(ValueError, match=rf"seq_len \+ 1 = {num_tokens + 1}.*{num_tokens}.*train"):
         data.make_train_iterator(prepared, seq_len=num_tokens, global_batch_size=1, seed=0)
     (tmp_path / "one.txt").write_text("a single short document\n")
-    data.prepare_corpus([str(tmp_path / "one.txt")], str(tmp_path / "one"), val_fraction=0.0)
+    prepare.prepare_corpus([str(tmp_path / "one.txt")], str(tmp_path / "one"), val_fraction=0.0)
     with pytest.raises(ValueError, match="'validation'.*no documents"):
         data.eval_batches(str(tmp_path / "one"), seq_len=4, batch_size=1)
     with pytest.raises(ValueError, match="no meta.json"):

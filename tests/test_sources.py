@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from mhc_jax import data, sources
+from mhc_jax import prepare, sources
 
 DOCS = [f"document {i}: " + "words " * (i + 1) for i in range(12)]
 
@@ -77,7 +77,7 @@ def test_unreadable_files_name_themselves(tmp_path):
 
 
 def test_prepared_from_mixed_formats(corpus, tmp_path):
-    meta = data.prepare_corpus([str(corpus)], str(tmp_path / "out"), val_fraction=0.2)
+    meta = prepare.prepare_corpus([str(corpus)], str(tmp_path / "out"), val_fraction=0.2)
     assert sum(s["num_docs"] for s in meta["splits"].values()) == 12
     assert sum(s["num_bytes"] for s in meta["splits"].values()) == sum(
         len(d.encode()) for d in DOCS

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mhc_jax import config as config_lib
-from mhc_jax import data, data_cache, tokenizers
+from mhc_jax import data, data_cache, prepare, tokenizers
 from mhc_jax.train import LN2, eval_metrics
 
 DOCS = data.read_documents(None)[1]
@@ -87,7 +87,7 @@ def test_bad_specs_are_refused_by_name(tmp_path):
 
 
 def test_prepared_data_holds_token_ids_and_the_tokenizer(spm, tmp_path):
-    meta = data.prepare_corpus(None, str(tmp_path / "d"), tokenizer=spm, records_per_shard=64)
+    meta = prepare.prepare_corpus(None, str(tmp_path / "d"), tokenizer=spm, records_per_shard=64)
     tok = tokenizers.load(spm)
     info = data.tokenizer_meta(meta)
     assert info["kind"] == "sentencepiece" and info["sha256"] == tok.identity["sha256"]
@@ -109,7 +109,7 @@ def test_runs_take_the_tokenizers_vocab_and_refuse_a_mismatch(spm, tmp_path):
     cfg.model.vocab_size = 512
     with pytest.raises(ValueError, match=r"model.vocab_size=512 is invalid: .* has 384 tokens"):
         config_lib.resolve_tokenizer(cfg)
-    data.prepare_corpus(None, str(tmp_path / "bytes"))
+    prepare.prepare_corpus(None, str(tmp_path / "bytes"))
     with pytest.raises(ValueError, match=r"prepared with tokenizer byte:259 .* is sentencepiece"):
         data_cache.check_tokenizer(str(tmp_path / "bytes"), cfg.data.tokenizer_id)
     data_cache.check_tokenizer(str(tmp_path / "bytes"), tokenizers.BYTE_IDENTITY)
