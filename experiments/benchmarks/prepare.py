@@ -5,15 +5,18 @@ Writes ``--mb`` MB of random-word documents as zstd JSON lines shards, then runs
 tokenizer; a SentencePiece model trained on the first shard, with 1 and ``--processes``
 workers) and prints MB/s and the peak resident memory of the child and its workers.
 Peak memory that stays flat as ``--mb`` grows is what lets a corpus larger than the
-machine's memory be prepared.
+machine's memory be prepared; ``--limit_mb`` caps each child's address space (workers
+included) below the corpus size to show it.
 
     python experiments/benchmarks/prepare.py --mb 64 256 [--processes 2]
+    python experiments/benchmarks/prepare.py --mb 2048 --limit_mb 1536 --tokenizers byte
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -57,8 +60,10 @@ def write_corpus(root: Path, mb: int, seed: int = 0) -> list[str]:
 
 CHILD = """
 import json, resource, sys, time
+files, out, tokenizer, processes, limit = json.loads(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from mhc_jax import prepare
-files, out, tokenizer, processes = json.loads(sys.argv[1])
 start = time.time()
 meta = prepare.prepare_corpus(files, out, tokenizer=tokenizer, processes=processes)
 wall = time.time() - start
@@ -69,8 +74,8 @@ print(json.dumps(dict(wall=wall, meta=meta["splits"], peak_mb=peak_self,
 """
 
 
-def run(files, out, tokenizer, processes) -> dict:
-    args = json.dumps([files, out, tokenizer, processes])
+def run(files, out, tokenizer, processes, limit_mb) -> dict:
+    args = json.dumps([files, out, tokenizer, processes, limit_mb * 2**20])
     done = subprocess.run(
         [sys.executable, "-c", CHILD, args], check=True, capture_output=True, text=True
     )
@@ -82,21 +87,28 @@ def main() -> None:
     parser.add_argument("--mb", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--limit_mb", type=int, default=0, help="address-space cap (0: none)")
+    parser.add_argument("--tokenizers", nargs="+", default=["byte", "spm"])
     args = parser.parse_args()
     from mhc_jax import data, tokenizers
 
+    cap = f", address space capped at {args.limit_mb} MB" if args.limit_mb else ""
+    print(f"# {os.cpu_count()} CPUs{cap}")
     print("| corpus MB | tokenizer | processes | MB/s | tokens | peak RSS MB (main / worker) |")
     for mb in args.mb:
         with tempfile.TemporaryDirectory(prefix="mhc_prepare_bench-") as tmp:
             root = Path(tmp)
             files = write_corpus(root, mb)
-            _, docs = data.iter_documents(files[:1])
-            spm = tokenizers.train_sentencepiece(
-                (d for _, d in zip(range(2000), docs)), args.vocab, str(root / "spm.model")
-            )
-            for tokenizer, processes in (("byte", 1), (spm, 1), (spm, args.processes)):
+            runs = [("byte", 1)] if "byte" in args.tokenizers else []
+            if "spm" in args.tokenizers:
+                _, docs = data.iter_documents(files[:1])
+                spm = tokenizers.train_sentencepiece(
+                    (d for _, d in zip(range(2000), docs)), args.vocab, str(root / "spm.model")
+                )
+                runs += [(spm, 1), (spm, args.processes)]
+            for tokenizer, processes in runs:
                 out = root / f"out-{len(list(root.glob('out-*')))}"
-                r = run(files, str(out), tokenizer, processes)
+                r = run(files, str(out), tokenizer, processes, args.limit_mb)
                 total_bytes = sum(s["num_bytes"] for s in r["meta"].values())
                 tokens = sum(s["num_tokens"] for s in r["meta"].values())
                 name = "byte" if tokenizer == "byte" else f"sentencepiece:{args.vocab}"
