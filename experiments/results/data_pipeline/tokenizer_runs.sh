@@ -6,7 +6,8 @@ set -euo pipefail
 out=${1:?usage: $0 OUT_DIR VOCAB}
 vocab=${2:?usage: $0 OUT_DIR VOCAB}
 mkdir -p "$out"
-mapfile -t specs < <(python experiments/results/data_pipeline/make_tokenizers.py "$out/tok" "$vocab")
+mapfile -t specs < <(python experiments/results/data_pipeline/make_tokenizers.py "$out/tok" "$vocab" \
+  | grep -E "^(byte|sentencepiece:|hf:|tiktoken:)")
 echo "| tokenizer | train tokens | val loss (nats/token) | val bits per byte | wall s |"
 for spec in "${specs[@]}"; do
   name=${spec%%:*}
