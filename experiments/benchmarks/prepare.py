@@ -4,7 +4,9 @@ Writes ``--mb`` MB of random-word documents as zstd JSON lines shards, then runs
 ``prepare.prepare_corpus`` on them in a child process per configuration (byte
 tokenizer; a SentencePiece model trained on the first shard, with 1 and ``--processes``
 workers) and prints MB/s and the peak resident memory of the child and its workers.
-Peak memory that stays flat as ``--mb`` grows is what lets a corpus larger than the
+The main process's peak is its own (VmHWM); the workers' is ``RUSAGE_CHILDREN``'s, an
+upper bound (Linux carries a parent's peak into a child it forks). Peak memory that
+stays flat as ``--mb`` grows is what lets a corpus larger than the
 machine's memory be prepared; ``--limit_mb`` caps each child's address space (workers
 included) below the corpus size to show it.
 
@@ -67,7 +69,9 @@ from mhc_jax import prepare
 start = time.time()
 meta = prepare.prepare_corpus(files, out, tokenizer=tokenizer, processes=processes)
 wall = time.time() - start
-peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's over the exec)
+status = open("/proc/self/status").read()
+peak_self = int(status.split("VmHWM:")[1].split()[0]) / 2**10
 peak_workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
 print(json.dumps(dict(wall=wall, meta=meta["splits"], peak_mb=peak_self,
                       worker_peak_mb=peak_workers)))
@@ -94,7 +98,7 @@ def main() -> None:
 
     cap = f", address space capped at {args.limit_mb} MB" if args.limit_mb else ""
     print(f"# {os.cpu_count()} CPUs{cap}")
-    print("| corpus MB | tokenizer | processes | MB/s | tokens | peak RSS MB (main / worker) |")
+    print("| corpus MB | tokenizer | processes | MB/s | tokens | peak RSS MB (main / workers) |")
     for mb in args.mb:
         with tempfile.TemporaryDirectory(prefix="mhc_prepare_bench-") as tmp:
             root = Path(tmp)
