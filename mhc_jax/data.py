@@ -66,6 +66,21 @@ def split_documents(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
     return chunks
 
 
+def split_stream(pieces, max_chars: int = MAX_DOC_CHARS):
+    """`split_documents` of the concatenated text ``pieces``, yielded as they complete: a
+    chunk depends only on the next `max_chars` characters, so the text is never held
+    whole."""
+    buffer, pos = "", 0
+    for piece in pieces:
+        buffer = buffer[pos:] + piece
+        pos = 0
+        while len(buffer) - pos > max_chars:
+            chunk = split_documents(buffer[pos : pos + max_chars + 1], max_chars)[0]
+            yield chunk
+            pos += len(chunk)
+    yield from split_documents(buffer[pos:], max_chars)
+
+
 def iter_documents(
     sources: list[str] | None,
     max_doc_chars: int = MAX_DOC_CHARS,
@@ -76,12 +91,12 @@ def iter_documents(
     format (or the bundled corpus for None), each text cut by `split_documents`; `stats`
     counts the texts read and the malformed records skipped."""
     if sources is None:
-        names, texts = [f"bundled:{BUNDLED_CORPUS}"], iter([load_bundled_corpus()])
+        names, texts = [f"bundled:{BUNDLED_CORPUS}"], iter([iter([load_bundled_corpus()])])
     else:
         files = sources_lib.collect_files(list(sources))
         names = [str(f) for f in files]
-        texts = (text for _, text in sources_lib.iter_texts(files, text_field, stats))
-    return names, (doc for text in texts for doc in split_documents(text, max_doc_chars))
+        texts = (pieces for _, pieces in sources_lib.iter_texts(files, text_field, stats))
+    return names, (doc for pieces in texts for doc in split_stream(pieces, max_doc_chars))
 
 
 def read_documents(sources: list[str] | None, **kwargs) -> tuple[list[str], list[str]]:

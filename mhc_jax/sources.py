@@ -1,6 +1,6 @@
 """Text sources in the formats public corpora ship in, read one document at a time.
 
-    *.txt, *.txt.xz                   the whole file is one text (cut into documents later)
+    *.txt, *.txt.xz                   the whole file is one text, read in pieces
     *.jsonl, *.jsonl.gz, *.json.gz,   one JSON object per line; its ``text_field`` holds
     *.jsonl.zst, *.jsonl.xz           the document
     *.parquet                         the ``text_field`` column, one document per row
@@ -13,6 +13,7 @@ are not JSON objects, lack the field, or hold no string there are counted and sk
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import io
@@ -29,6 +30,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".jsonl.xz")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 PARQUET_BATCH_ROWS = 1024
+TEXT_PIECE_BYTES = 1 << 20  # a .txt file is read in pieces of this size
 
 
 @dataclasses.dataclass
@@ -108,13 +110,24 @@ def _decompressed(path: epath.Path) -> io.BufferedIOBase:
     return raw
 
 
-def _text_file(path: epath.Path) -> Iterator[str]:
+def _text_pieces(path: epath.Path) -> Iterator[str]:
+    """The file's text in consecutive pieces of about TEXT_PIECE_BYTES."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes decoded before this block, less those the decoder holds back
     with _decompressed(path) as f:
-        data = f.read()
-    try:
-        yield data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from e
+        while True:
+            block = f.read(TEXT_PIECE_BYTES)
+            held = len(decoder.getstate()[0])
+            try:
+                piece = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = offset - held + e.start
+                raise ValueError(f"{path}: not valid UTF-8 at byte offset {at} ({e.reason})") from e
+            offset += len(block)
+            if piece:
+                yield piece
+            if not block:
+                return
 
 
 def _jsonl_file(path: epath.Path, text_field: str, stats: SourceStats) -> Iterator[str]:
@@ -153,11 +166,22 @@ def _parquet_file(path: epath.Path, text_field: str, stats: SourceStats) -> Iter
                     stats.skip(f"{path} row ~{n}", f"{text_field!r} is not a string")
 
 
+def _guarded(path: epath.Path, items: Iterator[str]) -> Iterator[str]:
+    """``items``, any reader failure re-raised as a ValueError naming ``path``."""
+    try:
+        yield from items
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure names its file
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+
+
 def iter_texts(
     files: list[epath.Path], text_field: str = "text", stats: SourceStats | None = None
-) -> Iterator[tuple[str, str]]:
-    """(file name, text) for every document of ``files`` in order; ``stats`` (if given)
-    counts them and the records skipped.
+) -> Iterator[tuple[str, Iterator[str]]]:
+    """(file name, the text's pieces) for every text of ``files`` in order: a record's text
+    comes in one piece, a text file's in pieces of about TEXT_PIECE_BYTES (consume them
+    before the next item). ``stats`` (if given) counts the texts and the records skipped.
 
     Raises:
       ValueError: naming a file that cannot be read (or decoded) at all.
@@ -165,19 +189,11 @@ def iter_texts(
     stats = SourceStats() if stats is None else stats
     for path in files:
         name = path.name
-        try:
-            if name.endswith(TEXT_SUFFIXES):
-                texts = _text_file(path)
-            elif name.endswith(JSONL_SUFFIXES):
-                texts = _jsonl_file(path, text_field, stats)
-            elif name.endswith(PARQUET_SUFFIXES):
-                texts = _parquet_file(path, text_field, stats)
-            else:
-                texts = _text_file(path)  # a file named explicitly: plain text
-            for text in texts:
+        if name.endswith(JSONL_SUFFIXES) or name.endswith(PARQUET_SUFFIXES):
+            reader = _jsonl_file if name.endswith(JSONL_SUFFIXES) else _parquet_file
+            for text in _guarded(path, reader(path, text_field, stats)):
                 stats.documents += 1
-                yield str(path), text
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any reader failure names its file
-            raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+                yield str(path), iter((text,))
+        else:  # .txt, .txt.xz, or any file named explicitly: plain text
+            stats.documents += 1
+            yield str(path), _guarded(path, _text_pieces(path))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from mhc_jax import prepare, sources
+from mhc_jax import data, prepare, sources
 
 DOCS = [f"document {i}: " + "words " * (i + 1) for i in range(12)]
 
@@ -44,7 +44,7 @@ def test_every_format_gives_its_documents_and_skips_malformed_records(corpus):
         "a.jsonl", "b.json.gz", "e.parquet", "f.txt", "c.jsonl.zst", "d.jsonl.xz"
     ]  # fmt: skip
     stats = sources.SourceStats()
-    texts = [t for _, t in sources.iter_texts(files, "text", stats)]
+    texts = ["".join(pieces) for _, pieces in sources.iter_texts(files, "text", stats)]
     assert sorted(texts) == sorted(DOCS)
     assert stats.documents == 12
     assert stats.skipped == {
@@ -61,8 +61,8 @@ def test_globs_and_other_fields(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"Recursive `\*\*` pattern not supported"):
         sources.collect_files([f"{corpus}/**/*.jsonl"])
     (tmp_path / "g.jsonl").write_bytes(b'{"content": "elsewhere"}\n')
-    got = list(sources.iter_texts(sources.collect_files([str(tmp_path / "g.jsonl")]), "content"))
-    assert [t for _, t in got] == ["elsewhere"]
+    got = sources.iter_texts(sources.collect_files([str(tmp_path / "g.jsonl")]), "content")
+    assert ["".join(pieces) for _, pieces in got] == ["elsewhere"]
     with pytest.raises(ValueError, match=r"matches no files ending in"):
         sources.collect_files([f"{corpus}/*.csv"])
 
@@ -70,10 +70,10 @@ def test_globs_and_other_fields(corpus, tmp_path):
 def test_unreadable_files_name_themselves(tmp_path):
     (tmp_path / "broken.json.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match=r"broken.json.gz: cannot be read \(BadGzipFile"):
-        list(sources.iter_texts([sources.collect_files([str(tmp_path)])[0]]))
+        [list(p) for _, p in sources.iter_texts([sources.collect_files([str(tmp_path)])[0]])]
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(ValueError, match=r"p.parquet: no column 'text' \(columns: \['body'\]\)"):
-        list(sources.iter_texts([tmp_path / "p.parquet"]))
+        [list(p) for _, p in sources.iter_texts([tmp_path / "p.parquet"])]
 
 
 def test_prepared_from_mixed_formats(corpus, tmp_path):
@@ -83,3 +83,20 @@ def test_prepared_from_mixed_formats(corpus, tmp_path):
         len(d.encode()) for d in DOCS
     )
     assert meta["skipped"]["not JSON"] == 4
+
+
+def test_text_files_stream_in_pieces_and_cut_as_whole(monkeypatch, tmp_path):
+    """A .txt file read in small pieces gives the documents of the whole text, and a bad
+    byte is reported at its offset in the file."""
+    monkeypatch.setattr(sources, "TEXT_PIECE_BYTES", 7)
+    text = "".join(f"para {i} " + "é" * (i % 5) + "\n" * (1 + i % 3) for i in range(200))
+    (tmp_path / "t.txt").write_text(text)
+    files = [tmp_path / "t.txt"]
+    pieces = [p for _, ps in sources.iter_texts(files) for p in ps]
+    assert len(pieces) > 100 and "".join(pieces) == text
+    for max_chars in (16, 50, 97):
+        streamed = list(data.split_stream(iter(pieces), max_chars))
+        assert streamed == data.split_documents(text, max_chars)
+    (tmp_path / "bad.txt").write_bytes("é".encode() * 20 + b"\xff" + b"tail")
+    with pytest.raises(ValueError, match=r"bad.txt: not valid UTF-8 at byte offset 40"):
+        [list(p) for _, p in sources.iter_texts([tmp_path / "bad.txt"])]
