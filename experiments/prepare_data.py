@@ -65,7 +65,12 @@ _TRAIN_TOKENIZER = flags.DEFINE_string(
     "write it to --tokenizer_path and tokenize with it (overrides --tokenizer).",
 )
 _TOKENIZER_PATH = flags.DEFINE_string(
-    "tokenizer_path", None, "Where --train_tokenizer writes its model (local or gs://)."
+    "tokenizer_path", None, "Where --train_tokenizer writes its model (local or gs://; new)."
+)
+_TOKENIZER_DOCS = flags.DEFINE_integer(
+    "tokenizer_documents",
+    100_000,
+    "--train_tokenizer trains on the sources' first this many documents (held in memory).",
 )
 flags.mark_flag_as_required("out_dir")
 
@@ -82,8 +87,11 @@ def main(argv: list[str]) -> None:
             )
         if not _TOKENIZER_PATH.value:
             raise app.UsageError("--train_tokenizer needs --tokenizer_path")
-        _, docs = data.read_documents(sources, text_field=_TEXT_FIELD.value)
-        tokenizer = tokenizers.train_sentencepiece(docs, int(vocab), _TOKENIZER_PATH.value)
+        prepare.check_out_dir(_OUT_DIR.value)  # before the training, not after
+        _, docs = data.iter_documents(sources, text_field=_TEXT_FIELD.value)
+        tokenizer = tokenizers.train_sentencepiece(
+            docs, int(vocab), _TOKENIZER_PATH.value, max_documents=_TOKENIZER_DOCS.value
+        )
         print(f"trained {tokenizer}: pass --config.data.tokenizer={tokenizer} to train")
     meta = prepare.prepare_corpus(
         sources,

@@ -85,8 +85,8 @@ class RunData:
 
     @property
     def tokenizer(self) -> str:
-        """ "kind:vocab_size" of the run's tokenizer (its file hash left out)."""
-        return ":".join(self.config.data.tokenizer_id.split(":")[:2])
+        """The run's tokenizer, kind:vocab_size[:sha256] (``data.tokenizer_id``)."""
+        return self.config.data.tokenizer_id
 
     def series(self, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) float64 arrays of ``key`` in the ``split`` records."""
@@ -228,7 +228,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         params = f"{_human(r['params_total'])} / {_human(r['params_added'])}"
         amax = f"{_fmt(r['amax_fwd_max'], 3)} / {_fmt(r['amax_bwd_max'], 3)}"
-        cells = [r[k] for k in ("run", "connection", "n", "seed", "tokenizer")]
+        short_tokenizer = ":".join(r["tokenizer"].split(":")[:2])  # the hash left out
+        cells = [r[k] for k in ("run", "connection", "n", "seed")] + [short_tokenizer]
         cells += [params, r["steps"]]
         cells += [_fmt(r[k]) for k in ("final_val_loss", "best_val_loss", "val_bits_per_byte")]
         cells += [_fmt(r["tokens_per_s"], 0), "—" if r["amax_fwd_max"] is None else amax]

@@ -31,8 +31,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    tok = run_tokenizer(_WORKDIR.value)  # before the checkpoint: a changed file stops here
     model_cfg, params, step = load_run(_WORKDIR.value, _STEP.value)
-    tok = run_tokenizer(_WORKDIR.value)
     prompt = sample_prompt(tok, _PROMPT.value)
     out = generate(
         params,

@@ -1,9 +1,10 @@
 """LM data pipeline: bundled corpus, documents, prepared directories, grain loaders.
 
 A prepared directory (``prepare.prepare_corpus``) holds meta.json and ArrayRecord shards
-train-XXXXX-of-YYYYY.array_record, validation-... One record is one document: its UTF-8
-bytes for the byte tokenizer, its token ids as little-endian uint32 for the others
-(``tokenizers``); meta.json records the tokenizer's identity.
+train-XXXXX.array_record, validation-XXXXX.array_record (listed in meta.json). One
+record is one document: its UTF-8 bytes for the byte tokenizer, its token ids as
+little-endian uint32 for the others (``tokenizers``); meta.json records the tokenizer's
+identity.
 Sources and prepared directories may be local or in cloud storage (gs://); the loaders read
 local shards only (data_cache.py finds, prepares and copies a run's data).
 

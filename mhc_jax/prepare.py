@@ -1,17 +1,19 @@
 """Streaming preparation of a corpus: documents are read, tokenized and written to
 ArrayRecord shards as they come, so memory stays bounded at any corpus size.
 
-- Documents come from ``data.iter_documents`` (the ``sources`` formats; a ``.txt`` file
-  is read whole, JSON lines and parquet record by record).
+- Documents come from ``data.iter_documents`` (the ``sources`` formats, all streamed: a
+  ``.txt`` file in pieces, JSON lines and parquet record by record).
 - Each document goes to validation by a keyed hash of its text (``val_fraction`` of
   them in expectation, the same documents for the same ``seed``), with no pass over the
-  whole corpus; the last train document is held back, so that validation is never
-  empty when ``val_fraction > 0`` and train keeps a document.
-- Tokenizing runs on ``processes`` worker processes, a bounded window of batches ahead;
-  ``progress`` shows documents, tokens and MB/s.
+  whole corpus. The last document of each split is held back to the end, so that
+  validation is not empty when ``val_fraction > 0`` and train is not empty (with two
+  or more documents).
+- Tokenizing runs on ``processes`` worker processes, a bounded window of batches ahead
+  (a worker that dies stops the preparation with an error); ``progress`` shows
+  documents, tokens and MB/s.
 - meta.json is written last: a directory without it is not a prepared dataset, and
-  training refuses it. An interrupted preparation (its marker file still there) is
-  cleared and started again cleanly.
+  training refuses it. An interrupted preparation (its marker file still there, in a
+  local or a gs:// out_dir) is cleared and started again cleanly.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import multiprocessing
 import tempfile
 import time
+from concurrent import futures
 
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
@@ -110,16 +113,30 @@ def _encoded(docs, spec: str, processes: int):
             yield from ((d, *e) for d, e in zip(batch, _encode(tok, batch)))
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may run JAX
-    with ctx.Pool(processes, initializer=_init_worker, initargs=(spec,)) as pool:
+    # An executor, not a Pool: a worker that dies raises BrokenProcessPool here instead of
+    # leaving its task pending forever.
+    with futures.ProcessPoolExecutor(
+        processes, mp_context=ctx, initializer=_init_worker, initargs=(spec,)
+    ) as pool:
         pending = collections.deque()
         for batch in _batches(docs, BATCH_DOCS):
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            pending.append(pool.submit(_encode_in_worker, batch))
             if len(pending) >= 2 * processes:
-                batch_docs, encoded = pending.popleft().get()
+                batch_docs, encoded = pending.popleft().result()
                 yield from ((d, *e) for d, e in zip(batch_docs, encoded))
         while pending:
-            batch_docs, encoded = pending.popleft().get()
+            batch_docs, encoded = pending.popleft().result()
             yield from ((d, *e) for d, e in zip(batch_docs, encoded))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raises ValueError unless ``out_dir`` may take a preparation: missing, empty, or
+    left by an interrupted one (reads only)."""
+    out = paths.path(out_dir)
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not ((out / MARKER).exists() and not (out / data.META_FILE).exists()):
+        raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
 
 
 def _clear_interrupted(out: epath.Path, out_dir: str) -> None:
@@ -225,22 +242,21 @@ def _write(
         local = epath.Path(tmp) if remote else out  # ArrayRecordWriter opens local files only
         local.mkdir(parents=True, exist_ok=True)
         (local / MARKER).write_text("")
+        if remote:  # an upload cut short is then recognised as interrupted
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MARKER).write_text("")
         writers = {s: _ShardWriter(local, s, records_per_shard) for s in data.SPLITS}
-        held, start = None, time.time()
+        held = dict.fromkeys(data.SPLITS)  # each split's newest document, written late
+        start = time.time()
         bar = _progress_bar() if progress else None
         for doc, record, num_bytes, num_tokens in _encoded(docs, tokenizer, processes):
-            if is_validation(doc, seed, val_fraction):
-                writers["validation"].write(record, num_bytes, num_tokens)
-            else:
-                if held is not None:
-                    writers["train"].write(*held)
-                held = (record, num_bytes, num_tokens)
+            split = "validation" if is_validation(doc, seed, val_fraction) else "train"
+            if held[split] is not None:
+                writers[split].write(*held[split])
+            held[split] = (record, num_bytes, num_tokens)
             if bar is not None:
                 _advance(bar, num_bytes, num_tokens, start)
-        if held is not None:
-            val_empty = writers["validation"].info["num_docs"] == 0
-            to_val = val_fraction > 0 and val_empty and writers["train"].info["num_docs"] > 0
-            writers["validation" if to_val else "train"].write(*held)
+        _write_held(writers, held, val_fraction)
         if bar is not None:
             bar.close()
         for w in writers.values():
@@ -261,7 +277,26 @@ def _write(
         (local / MARKER).unlink()
         if remote:
             data.copy_prepared(local, out)
+            (out / MARKER).unlink()
     return meta
+
+
+def _write_held(writers: dict, held: dict, val_fraction: float) -> None:
+    """Writes each split's held-back document, moving one across where a split would
+    otherwise end empty: validation takes train's when it has none (val_fraction > 0 and
+    train keeps one), train takes validation's when it has none (a one-document corpus
+    goes to train)."""
+    count = {s: w.info["num_docs"] for s, w in writers.items()}
+    train, val = held["train"], held["validation"]
+    if val_fraction > 0 and count["validation"] == 0 and val is None and count["train"]:
+        writers["validation"].write(*train)
+        train = None
+    if count["train"] == 0 and train is None and val is not None:  # train before validation
+        writers["train"].write(*val)
+        val = None
+    for split, doc in (("train", train), ("validation", val)):
+        if doc is not None:
+            writers[split].write(*doc)
 
 
 def _progress_bar():

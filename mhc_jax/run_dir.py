@@ -44,6 +44,8 @@ RESUMABLE_FIELDS = (
     # data.worker_count: the data iterator's saved position has another form with worker
     # processes, and grain restores it wrongly or not at all across a change.)
     "data.cache_dir",
+    # Where the tokenizer file is: data.tokenizer_id (its hash) must stay the same.
+    "data.tokenizer",
     "data.eval_batch_size",
     "data.eval_max_batches",
     # How the same computation is laid out and run: checkpoints are resharded onto the new
@@ -110,6 +112,11 @@ def check_resume(workdir: str | epath.Path, config: ml_collections.ConfigDict) -
     changed = [k for k in new if old[k] != new[k] and not may_change(k)]
     if changed:
         lines = "\n".join(f"  {k}: {old[k]!r} in {CONFIG_FILE}, now {new[k]!r}" for k in changed)
+        if "data.tokenizer_id" in changed:
+            lines += (
+                "\n  (data.tokenizer_id is the tokenizer file's kind, size and hash: "
+                "data.tokenizer names a different or changed file)"
+            )
         raise ConfigMismatchError(
             f"--workdir={workdir} holds a run whose config differs in fields that change the "
             f"saved state's shapes or meaning:\n{lines}\nNothing was written. Use a new "

@@ -33,6 +33,10 @@ PARQUET_BATCH_ROWS = 1024
 TEXT_PIECE_BYTES = 1 << 20  # a .txt file is read in pieces of this size
 
 
+class SourceError(ValueError):
+    """A source file that cannot be read; the message names it."""
+
+
 @dataclasses.dataclass
 class SourceStats:
     """What reading the sources found: documents read, records skipped (by reason), per
@@ -122,7 +126,8 @@ def _text_pieces(path: epath.Path) -> Iterator[str]:
                 piece = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 at = offset - held + e.start
-                raise ValueError(f"{path}: not valid UTF-8 at byte offset {at} ({e.reason})") from e
+                msg = f"{path}: not valid UTF-8 at byte offset {at} ({e.reason})"
+                raise SourceError(msg) from e
             offset += len(block)
             if piece:
                 yield piece
@@ -132,11 +137,14 @@ def _text_pieces(path: epath.Path) -> Iterator[str]:
 
 def _jsonl_file(path: epath.Path, text_field: str, stats: SourceStats) -> Iterator[str]:
     with _decompressed(path) as f:
-        for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
-            if not line.strip():
+        for n, raw in enumerate(io.BufferedReader(f), 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                stats.skip(f"{path}:{n}", "not UTF-8")
+                continue
             except json.JSONDecodeError:
                 stats.skip(f"{path}:{n}", "not JSON")
                 continue
@@ -154,26 +162,28 @@ def _parquet_file(path: epath.Path, text_field: str, stats: SourceStats) -> Iter
     with path.open("rb") as f:
         table = pq.ParquetFile(f)
         if text_field not in table.schema_arrow.names:
-            raise ValueError(
+            raise SourceError(
                 f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
                 "set the text field"
             )
+        row = 0
         for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-            for n, value in enumerate(batch.column(0).to_pylist()):
+            for value in batch.column(0).to_pylist():
                 if isinstance(value, str):
                     yield value
                 else:
-                    stats.skip(f"{path} row ~{n}", f"{text_field!r} is not a string")
+                    stats.skip(f"{path} row {row}", f"{text_field!r} is not a string")
+                row += 1
 
 
 def _guarded(path: epath.Path, items: Iterator[str]) -> Iterator[str]:
     """``items``, any reader failure re-raised as a ValueError naming ``path``."""
     try:
         yield from items
-    except ValueError:
+    except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure names its file
-        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+        raise SourceError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
 
 
 def iter_texts(

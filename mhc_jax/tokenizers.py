@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import tempfile
 
@@ -106,6 +107,7 @@ class HFTokenizer(_FileTokenizer):
 
         super().__init__(path)
         self._tok = tokenizers.Tokenizer.from_str(self.data.decode("utf-8"))
+        self._tok.encode_special_tokens = True  # "</s>" in a document is text, not EOS
         self.vocab_size = self._tok.get_vocab_size()
         found = [self._tok.token_to_id(t) for t in HF_EOS_TOKENS]
         found = [i for i in found if i is not None]
@@ -181,21 +183,29 @@ def load(spec: str):
     return classes[kind](path)
 
 
-def train_sentencepiece(texts, vocab_size: int, out_path: str) -> str:
+def train_sentencepiece(
+    texts, vocab_size: int, out_path: str, *, max_documents: int = 100_000
+) -> str:
     """Trains a BPE SentencePiece model with ``vocab_size`` pieces (EOS id 1, no BOS, PAD
-    id 0 unused by text) on an iterable of strings; writes it to ``out_path`` (local or
-    gs://) and returns its spec string ``sentencepiece:out_path``. One thread: the same
-    texts give the same model."""
+    id 0 unused by text) on the first ``max_documents`` strings of an iterable (they are
+    held in memory while it trains); writes it to ``out_path`` (local or gs://), which
+    must not exist, and returns its spec string ``sentencepiece:out_path``. One thread:
+    the same texts give the same model."""
     import sentencepiece
 
     if vocab_size < 260:  # 256 byte-fallback pieces, PAD, EOS, UNK, and one more
         raise ValueError(f"sentencepiece:VOCAB needs VOCAB >= 260, got {vocab_size}")
     out = paths.path(out_path)
+    if out.exists():
+        raise ValueError(
+            f"{out_path} exists: runs and data made with it record its hash, so it is "
+            "not overwritten; choose a new tokenizer path"
+        )
     with tempfile.TemporaryDirectory(prefix="mhc_jax_spm-") as tmp:
         prefix = os.path.join(tmp, "spm")
         train = sentencepiece.SentencePieceTrainer.train
         kwargs = dict(
-            sentence_iterator=iter(texts),
+            sentence_iterator=itertools.islice(iter(texts), max_documents),
             model_prefix=prefix,
             vocab_size=vocab_size,
             model_type="bpe",

@@ -74,3 +74,27 @@ def test_interrupted_preparation_starts_again_and_bad_input_leaves_nothing(jsonl
     with pytest.raises(ValueError, match="latin1.txt: not valid UTF-8"):
         prepare.prepare_corpus([jsonl, str(bad)], str(tmp_path / "fails"))
     assert not (tmp_path / "fails").exists() and (foreign / "keep.txt").exists()
+
+
+def test_train_is_never_empty_either(tmp_path):
+    """Documents that all hash into validation still leave train one, and a corpus of one
+    document goes to train."""
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"text": "first"}\n{"text": "second"}\n')
+    meta = prepare.prepare_corpus([str(two)], str(tmp_path / "a"), val_fraction=1 - 1e-12)
+    assert _records(tmp_path / "a", "train") == [b"second"]
+    assert _records(tmp_path / "a", "validation") == [b"first"]
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "only"}\n')
+    meta = prepare.prepare_corpus([str(one)], str(tmp_path / "b"), val_fraction=1 - 1e-12)
+    assert meta["splits"]["train"]["num_docs"] == 1
+    assert meta["splits"]["validation"]["num_docs"] == 0
+
+
+def test_out_dir_is_checked_before_anything_runs(jsonl, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(ValueError, match="is not empty"):
+        prepare.check_out_dir(str(tmp_path / "busy"))
+    prepare.check_out_dir(str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()

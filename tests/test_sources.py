@@ -16,10 +16,11 @@ DOCS = [f"document {i}: " + "words " * (i + 1) for i in range(12)]
 
 
 def _jsonl(docs, bad=True) -> bytes:
-    lines = [json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)]
+    lines = [json.dumps({"text": d, "id": i}).encode() for i, d in enumerate(docs)]
     if bad:
-        lines[1:1] = ["{not json", json.dumps({"body": "no text"}), json.dumps({"text": 7})]
-    return ("\n".join(lines) + "\n\n").encode()
+        lines[1:1] = [b"{not json", json.dumps({"body": "no"}).encode(), b'{"text": 7}']
+        lines.append(b'{"text": "caf\xe9"}')  # latin-1, not UTF-8
+    return b"\n".join(lines) + b"\n\n"
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ def test_every_format_gives_its_documents_and_skips_malformed_records(corpus):
     assert sorted(texts) == sorted(DOCS)
     assert stats.documents == 12
     assert stats.skipped == {
+        "not UTF-8": 4,
         "not JSON": 4,
         "no 'text' field": 4,
         "'text' is not a string": 5,  # 4 JSON records, 1 parquet null
@@ -71,6 +73,9 @@ def test_unreadable_files_name_themselves(tmp_path):
     (tmp_path / "broken.json.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match=r"broken.json.gz: cannot be read \(BadGzipFile"):
         [list(p) for _, p in sources.iter_texts([sources.collect_files([str(tmp_path)])[0]])]
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"corrupt.parquet: cannot be read \(ArrowInvalid"):
+        [list(p) for _, p in sources.iter_texts([tmp_path / "corrupt.parquet"])]
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(ValueError, match=r"p.parquet: no column 'text' \(columns: \['body'\]\)"):
         [list(p) for _, p in sources.iter_texts([tmp_path / "p.parquet"])]

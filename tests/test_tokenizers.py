@@ -63,6 +63,14 @@ def test_every_tokenizer_round_trips_the_corpus(kind, request):
     assert tokenizers.identity_string(tok.identity).startswith(f"{tok.kind}:{tok.vocab_size}")
 
 
+def test_special_tokens_in_text_stay_text(hf, spm, tmp_path):
+    tok = tokenizers.load(hf)
+    ids = tok.encode("a <|endoftext|> b")
+    assert tok.eos_id not in ids and tok.decode(ids) == "a <|endoftext|> b"
+    with pytest.raises(ValueError, match="exists: runs and data made with it"):
+        tokenizers.train_sentencepiece(DOCS, 384, spm.split(":", 1)[1])
+
+
 def test_tiktoken_takes_its_eos_after_the_ranks(tiktoken_file):
     tok = tokenizers.load(tiktoken_file)
     assert tok.vocab_size == 265 and tok.eos_id == 264
