@@ -139,15 +139,16 @@ def check_out_dir(out_dir: str) -> None:
         raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
 
 
+def _remove_contents(out: epath.Path) -> None:
+    for child in out.iterdir():
+        child.rmtree() if child.is_dir() else child.unlink()
+
+
 def _clear_interrupted(out: epath.Path, out_dir: str) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if (out / MARKER).exists() and not (out / data.META_FILE).exists():
+    check_out_dir(out_dir)
+    if out.exists() and any(out.iterdir()):  # an interrupted preparation's leftovers
         print(f"{out_dir}: removing an interrupted preparation and starting again", flush=True)
-        for child in out.iterdir():
-            child.rmtree() if child.is_dir() else child.unlink()
-        return
-    raise ValueError(f"out_dir {out_dir!r} is not empty; choose a new directory")
+        _remove_contents(out)
 
 
 def prepare_corpus(
@@ -214,8 +215,7 @@ def prepare_corpus(
         )
     except Exception:  # bad input: leave out_dir as it was (an interrupt leaves the marker)
         if not paths.is_remote(out) and out.exists():
-            for child in out.iterdir():
-                child.rmtree() if child.is_dir() else child.unlink()
+            _remove_contents(out)
             if not existed:
                 out.rmdir()
         raise
