@@ -9,7 +9,9 @@ misspelt key is an error because the dict is locked. ``model_config`` and
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
 
 import ml_collections
 
@@ -100,6 +102,19 @@ def apply_model_overrides(cfg: ml_collections.ConfigDict, arg: str | None) -> No
         else:
             value = type(current)(raw.strip())
         cfg.model[key] = value
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A config file's ``get_config(arg)``, as ``--config=path:arg`` gives it to train.py."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    name = "mhc_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config()")
+    return module.get_config(arg)
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:

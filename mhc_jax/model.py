@@ -24,15 +24,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mhc_jax import connection_modules, partitioned
 from mhc_jax import remat as remat_lib
-from mhc_jax.connection_modules import (
+from mhc_jax.connections import modules as connection_modules
+from mhc_jax.connections import partitioned
+from mhc_jax.connections.functional import MHC_INITS, MHC_VARIANTS, RESIDUAL_SHARDS
+from mhc_jax.connections.modules import (
     HyperConnection,
     ManifoldHyperConnection,
     Residual,
     StreamHead,
 )
-from mhc_jax.connections import MHC_INITS, MHC_VARIANTS, RESIDUAL_SHARDS
 from mhc_jax.layers import ATTENTION_IMPLS, CausalSelfAttention, RMSNorm, SwiGLU
 from mhc_jax.sharding import strip_boxes
 from pallas_kernels.mhc.backends import IMPLS

@@ -30,7 +30,7 @@ import math
 
 import jax
 
-from mhc_jax.connection_modules import BRANCH_OUTPUT, CONNECTION_OUTPUT
+from mhc_jax.connections.modules import BRANCH_OUTPUT, CONNECTION_OUTPUT
 from pallas_kernels.mhc._common import KERNEL_OUTPUT
 
 POLICIES = ("none", "full", "save_dots", "mhc_blocks", "save_connections")

@@ -6,7 +6,7 @@ parallelism of attention heads, MLP width and vocabulary). The residual stream
 (B, T, n, C) has its batch over ``data`` x ``fsdp`` and, on ``tensor``, either its
 hidden axis C (``ModelConfig.residual_shard="hidden"``) or its sequence axis
 (``"sequence"``); the stream axis n is never split, so the mHC mapping needs just
-one ``psum`` of n*n + 2n + 1 numbers per token (see ``mhc_jax.partitioned``).
+one ``psum`` of n*n + 2n + 1 numbers per token (see ``mhc_jax.connections.partitioned``).
 
 Modules name the axes of parameters and activations logically; ``logical_rules``
 maps the names to mesh axes:

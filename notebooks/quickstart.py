@@ -23,24 +23,32 @@
 # Runs on a CPU in a few minutes (`NUM_STEPS = 300`); a GPU runtime is faster.
 
 # %%
-# Install: skip if mhc_jax is importable; from a checkout, install it editable.
+# Install. On Colab: clone the repository (the notebooks read its configs and results)
+# and install it; the cell changes nothing elsewhere, where mhc_jax comes from a checkout
+# installed as the README says (`pip install -c constraints.txt -e .`).
 # ruff: noqa: E402
-import importlib.util
 import os
 import subprocess
 import sys
 
-if importlib.util.find_spec("mhc_jax") is None:
-    if os.path.exists(os.path.join("..", "setup.cfg")):  # running from notebooks/ of a checkout
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", ".."])
-        sys.path.insert(0, os.path.abspath(".."))  # the editable hook loads only at startup
-    else:
-        raise ModuleNotFoundError(
-            "mhc_jax is not installed. Clone the repository, then run\n"
-            "  pip install -e <checkout>\n"
-            "(on Colab: `!git clone <repository URL>` and `%pip install -e <checkout>`), "
-            "restart the runtime and open this notebook again."
-        )
+REPO_URL = "https://github.com/mhc-jax/mhc-jax.git"  # or a fork; setup.cfg's url
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    REPO = "/content/mhc-jax"
+    if not os.path.isdir(REPO):
+        subprocess.check_call(["git", "clone", "-q", "--depth=1", REPO_URL, REPO])
+    # A regular (not editable) install: importable in this runtime without a restart.
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", REPO])
+try:
+    import mhc_jax
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(
+        "mhc_jax is not installed: from a clone of the repository run\n"
+        "  pip install -c constraints.txt -e .\n"
+        "then open this notebook again (on Colab, run this cell: it installs it)."
+    ) from e
+if not IN_COLAB:
+    REPO = os.path.dirname(os.path.dirname(os.path.abspath(mhc_jax.__file__)))  # the checkout
 
 # %% tags=["parameters"]
 NUM_STEPS = 300  # training steps (the tiny config's full run)
@@ -49,7 +57,6 @@ EVAL_BATCHES = 16  # validation batches per evaluation
 SAMPLE_TOKENS = 200  # bytes generated at the end (0: none)
 
 # %%
-import importlib
 import shutil
 import tempfile
 
@@ -58,24 +65,13 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import mhc_jax
 from mhc_jax import config as config_lib
+from mhc_jax import report, results
 from mhc_jax.costs import abstract_param_counts
 from mhc_jax.diagnostics import collect_coefficients, gain_profile
 from mhc_jax.model import LM, init_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(mhc_jax.__file__)))
-
-
-def load_module(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses need it
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = load_module("tiny_config", os.path.join(REPO, "experiments", "configs", "tiny.py"))
-report = load_module("report", os.path.join(REPO, "experiments", "report.py"))
+TINY_CONFIG = os.path.join(REPO, "experiments", "configs", "tiny.py")
 print("JAX", jax.__version__, "on", jax.devices())
 
 # %% [markdown]
@@ -86,7 +82,7 @@ print("JAX", jax.__version__, "on", jax.devices())
 # connection, so 4 blocks have L = 8 connection layers.
 
 # %%
-cfg = tiny.get_config(MODEL_OVERRIDES)
+cfg = config_lib.load_config_file(TINY_CONFIG, MODEL_OVERRIDES)
 cfg.training.num_steps = NUM_STEPS
 cfg.training.eval_every = max(NUM_STEPS // 3, 1)
 cfg.training.checkpoint_every = NUM_STEPS
@@ -132,7 +128,7 @@ result = train_and_evaluate(cfg, workdir)
 # %matplotlib inline
 
 # %%
-run = report.load_run(workdir)
+run = results.load_run(workdir)
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(*run.series("train", "loss"), label="train")
 ax.plot(*run.series("validation", "loss"), "o--", label="validation")

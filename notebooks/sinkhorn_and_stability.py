@@ -23,24 +23,32 @@
 # Pure math on random matrices: seconds on a CPU.
 
 # %%
-# Install: skip if mhc_jax is importable; from a checkout, install it editable.
+# Install. On Colab: clone the repository (the notebooks read its configs and results)
+# and install it; the cell changes nothing elsewhere, where mhc_jax comes from a checkout
+# installed as the README says (`pip install -c constraints.txt -e .`).
 # ruff: noqa: E402
-import importlib.util
 import os
 import subprocess
 import sys
 
-if importlib.util.find_spec("mhc_jax") is None:
-    if os.path.exists(os.path.join("..", "setup.cfg")):  # running from notebooks/ of a checkout
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", ".."])
-        sys.path.insert(0, os.path.abspath(".."))  # the editable hook loads only at startup
-    else:
-        raise ModuleNotFoundError(
-            "mhc_jax is not installed. Clone the repository, then run\n"
-            "  pip install -e <checkout>\n"
-            "(on Colab: `!git clone <repository URL>` and `%pip install -e <checkout>`), "
-            "restart the runtime and open this notebook again."
-        )
+REPO_URL = "https://github.com/mhc-jax/mhc-jax.git"  # or a fork; setup.cfg's url
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    REPO = "/content/mhc-jax"
+    if not os.path.isdir(REPO):
+        subprocess.check_call(["git", "clone", "-q", "--depth=1", REPO_URL, REPO])
+    # A regular (not editable) install: importable in this runtime without a restart.
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", REPO])
+try:
+    import mhc_jax
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(
+        "mhc_jax is not installed: from a clone of the repository run\n"
+        "  pip install -c constraints.txt -e .\n"
+        "then open this notebook again (on Colab, run this cell: it installs it)."
+    ) from e
+if not IN_COLAB:
+    REPO = os.path.dirname(os.path.dirname(os.path.abspath(mhc_jax.__file__)))  # the checkout
 
 # %% tags=["parameters"]
 N = 4  # streams
@@ -58,8 +66,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mhc_jax.connections import residual_init_bias
+from mhc_jax.connections.sinkhorn import sinkhorn_knopp
 from mhc_jax.diagnostics import amax_gain, composite_products
-from mhc_jax.sinkhorn import sinkhorn_knopp
 
 key = jax.random.key(0)
 

@@ -14,7 +14,7 @@
 # %% [markdown]
 # # Sweep results
 #
-# The report of `experiments/report.py`, inline: a table of runs and the figures
+# The report of `experiments/report.py` (`mhc_jax.report`), inline: a table of runs and the figures
 # (loss curves, validation loss vs n, composite Amax gain vs layer, gradient
 # norms, H_res heatmaps).
 #
@@ -23,24 +23,32 @@
 # a 2-block model) trained here into a temporary directory.
 
 # %%
-# Install: skip if mhc_jax is importable; from a checkout, install it editable.
+# Install. On Colab: clone the repository (the notebooks read its configs and results)
+# and install it; the cell changes nothing elsewhere, where mhc_jax comes from a checkout
+# installed as the README says (`pip install -c constraints.txt -e .`).
 # ruff: noqa: E402
-import importlib.util
 import os
 import subprocess
 import sys
 
-if importlib.util.find_spec("mhc_jax") is None:
-    if os.path.exists(os.path.join("..", "setup.cfg")):  # running from notebooks/ of a checkout
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", ".."])
-        sys.path.insert(0, os.path.abspath(".."))  # the editable hook loads only at startup
-    else:
-        raise ModuleNotFoundError(
-            "mhc_jax is not installed. Clone the repository, then run\n"
-            "  pip install -e <checkout>\n"
-            "(on Colab: `!git clone <repository URL>` and `%pip install -e <checkout>`), "
-            "restart the runtime and open this notebook again."
-        )
+REPO_URL = "https://github.com/mhc-jax/mhc-jax.git"  # or a fork; setup.cfg's url
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    REPO = "/content/mhc-jax"
+    if not os.path.isdir(REPO):
+        subprocess.check_call(["git", "clone", "-q", "--depth=1", REPO_URL, REPO])
+    # A regular (not editable) install: importable in this runtime without a restart.
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", REPO])
+try:
+    import mhc_jax
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(
+        "mhc_jax is not installed: from a clone of the repository run\n"
+        "  pip install -c constraints.txt -e .\n"
+        "then open this notebook again (on Colab, run this cell: it installs it)."
+    ) from e
+if not IN_COLAB:
+    REPO = os.path.dirname(os.path.dirname(os.path.abspath(mhc_jax.__file__)))  # the checkout
 
 # %% tags=["parameters"]
 SWEEP_DIR = ""  # a sweep's workdir; "" = experiments/results/ or the micro sweep
@@ -52,22 +60,8 @@ import tempfile
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-import mhc_jax
-
 # %matplotlib inline
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(mhc_jax.__file__)))
-
-
-def load_module(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses need it
-    spec.loader.exec_module(module)
-    return module
-
-
-report = load_module("report", os.path.join(REPO, "experiments", "report.py"))
-sweep = load_module("sweep", os.path.join(REPO, "experiments", "sweep.py"))
+from mhc_jax import report, results, sweeps
 
 
 # %%
@@ -75,7 +69,7 @@ def committed_sweeps(root):
     """Directories under ``root`` that directly hold runs (one sweep each), sorted."""
     if not os.path.isdir(root):
         return []
-    return sorted({os.path.dirname(run_dir) for run_dir in report.find_run_dirs(root)})
+    return sorted({os.path.dirname(run_dir) for run_dir in results.find_run_dirs(root)})
 
 
 MICRO_SWEEP = {
@@ -103,8 +97,8 @@ sweep_dir = SWEEP_DIR or next(
 )
 if not sweep_dir:
     sweep_dir = os.path.join(tempfile.mkdtemp(), "micro")
-    micro = sweep.expand(MICRO_SWEEP, "micro")
-    failed = sweep.run_sweep(micro, sweep_dir, micro.runs)
+    micro = sweeps.expand(MICRO_SWEEP, "micro")
+    failed = sweeps.run_sweep(micro, sweep_dir, micro.runs)
     assert not failed, f"micro-sweep runs failed: {failed}"
 print("sweep:", sweep_dir)
 
@@ -113,12 +107,12 @@ print("sweep:", sweep_dir)
 #
 # Params are total / added by the connections; the Amax columns are the largest
 # composite gains over all diagnostics records; grad-norm spikes count logged
-# steps above 5x the running median (see `experiments/report.py`).
+# steps above 5x the running median (see `mhc_jax/results.py`).
 
 # %%
-runs = report.load_sweep(sweep_dir)
-rows = [report.summarize(run) for run in runs]
-display(Markdown(report.markdown_table(rows)))
+runs = results.load_sweep(sweep_dir)
+rows = [results.summarize(run) for run in runs]
+display(Markdown(results.markdown_table(rows)))
 
 # %% [markdown]
 # ## Loss curves and validation loss vs n

@@ -1,8 +1,12 @@
 """Test setup: 8 fake CPU devices (for mesh tests) before JAX's backend starts; the
 ``cpu_devices`` fixture, which runs a mesh test on them on any host (a GPU host has one
-GPU); and ``lowered_text``, which lowers a jitted function for another platform."""
+GPU); ``lowered_text``, which lowers a jitted function for another platform; and
+``run_experiment``, which runs a script of experiments/ as a user would."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -35,3 +39,22 @@ def cpu_devices():
 @pytest.fixture
 def lowered_text():
     return lower_text
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_experiment(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs ``experiments/<script>`` with ``args`` from the repository root; output captured."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def run_experiment():
+    return _run_experiment

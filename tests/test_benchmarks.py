@@ -1,6 +1,7 @@
 """The benchmark scripts: the overhead floor, the multi-device scaling table, the
 stream-overlap probe."""
 
+import importlib.util
 import json
 import os
 import re
@@ -13,26 +14,26 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments", "benchmarks"))
 
-import access_shape  # noqa: E402
-import copy_ceiling  # noqa: E402
-import scaling  # noqa: E402
-import step_overhead  # noqa: E402
+
+def _script(name: str):
+    """The benchmark script ``experiments/benchmarks/<name>.py``, loaded by its path."""
+    spec = importlib.util.spec_from_file_location(
+        f"benchmark_{name}", os.path.join(ROOT, "experiments", "benchmarks", f"{name}.py")
+    )
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+access_shape = _script("access_shape")
+scaling = _script("scaling")
+step_overhead = _script("step_overhead")
 
 # tests that assert on the Mosaic GPU interpreter's race record (a CPU host only)
 INTERPRETER_ONLY = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the interpreter's race record"
 )
-
-
-def test_copy_ceiling_is_the_best_form_at_every_size():
-    rates = copy_ceiling.measure(sizes_mib=(1, 2), reps=2)
-    forms = {"xla neg bf16", "xla neg f32", "xla add u32 (bf16 pairs)"}
-    assert {f"{f} @ {m} MiB" for f in forms for m in (1, 2)} <= set(rates)
-    assert all(r > 0 for r in rates.values())
-    form, rate = copy_ceiling.ceiling(rates)
-    assert rate == max(rates.values()) and rates[form] == rate
 
 
 @INTERPRETER_ONLY
@@ -154,58 +155,11 @@ def test_scaling_runs_meshes_and_losses_agree(tmp_path):
     assert "| 1x2x1 | 2 | mhc:xla:none |" in (tmp_path / "scaling.md").read_text()
 
 
-def test_gpu_profile_breakdown_sums_stream_kernels_by_category():
-    import gpu_profile
-    from jax.profiler import ProfileData
-
-    def event(meta, start_us, dur_us):
-        ps = f"offset_ps: {start_us}000000 duration_ps: {dur_us}000000"
-        return f"events {{ metadata_id: {meta} {ps} }}"
-
-    names = [
-        "mhc_mapping_fwd",
-        "loop_add_fusion",
-        "nvjet_tst_128x256",
-        # cuDNN's attention carries cuBLAS's architecture tag: still attention
-        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_kernel0_0",
-        "mhc_x__1",
-    ]
-    metadata = " ".join(
-        f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
-        for i, n in enumerate(names, 1)
-    )
-    stream = " ".join(
-        [
-            event(1, 0, 300),
-            event(2, 400, 100),
-            event(3, 600, 1000),
-            event(5, 0, 20),
-            event(5, 0, 40),
-        ]
-    )
-    xspace = ProfileData.from_text_proto(
-        f"""planes {{ name: "/device:GPU:0"
-          lines {{ name: "Stream #13(compute)" {stream} }}
-          lines {{ name: "Stream #14(compute)" {event(4, 0, 500)} }}
-          lines {{ name: "XLA Ops" {event(1, 0, 300)} }}
-          {metadata} }}
-        planes {{ name: "/host:CPU" lines {{ name: "python" {event(1, 0, 999)} }} {metadata} }}"""
-    )
-    got = gpu_profile.breakdown(xspace, steps=2, top=2)
-    # per step: mhc (300 + 20 + 40) / 2 us, fusion 50, matmul 500, attention 250; ms
-    assert got["by_category"] == pytest.approx(
-        {"mhc kernels": 0.18, "fusions and other": 0.05, "matmul": 0.5, "attention": 0.25}
-    )
-    assert got["total_ms"] == pytest.approx(0.98)
-    assert got["top"] == [("nvjet_tst_128x256", 0.5), (names[3], 0.25)]
-    assert got["mhc"] == [("mhc_mapping_fwd", 0.15, 0.5), ("mhc_x", 0.03, 1.0)]
-
-
 def test_stream_overlap_probe_puts_each_layers_kernel_on_stream_1(lowered_text):
     """Lowered for CUDA on any host: the streamed program wraps every layer's kernel
     in a stream-1 call (the grouped one also tags scheduling groups); the
     same-stream program has the same kernels and no annotation."""
-    import stream_overlap
+    stream_overlap = _script("stream_overlap")
 
     progs = stream_overlap.programs(64, 4, 256, 512, layers=2)
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax import diagnostics as D
+from mhc_jax.connections.sinkhorn import sinkhorn_knopp
 from mhc_jax.model import LM, ModelConfig, init_params
-from mhc_jax.sinkhorn import sinkhorn_knopp
 
 
 def test_two_layer_hand_example():

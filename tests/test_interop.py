@@ -10,7 +10,7 @@ import pytest
 from deepseek_v4_reference import v4_head, v4_layer
 from safetensors.numpy import save_file
 
-from mhc_jax.connection_modules import StreamHead
+from mhc_jax.connections import StreamHead
 from mhc_jax.interop import deepseek_v4
 from mhc_jax.model import ModelConfig, init_params, make_connection
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mhc_jax import config as config_lib
-from mhc_jax import loop, partitioned, preflight
+from mhc_jax import loop, preflight
+from mhc_jax.connections import partitioned
 from mhc_jax.model import LM, ModelConfig, init_params
 from pallas_kernels.mhc import backends
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax.sinkhorn import multiplicative_runs, sinkhorn_knopp
+from mhc_jax.connections.sinkhorn import multiplicative_runs, sinkhorn_knopp
 from pallas_kernels.mhc import _coeffs, api
 
 F32 = jnp.float32

@@ -1,7 +1,6 @@
 """Training: configs and CLI, the loop's learning signal, resume, guards, logs, sampling."""
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -27,16 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
 
 
-def load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def micro_config(**training):
     """A model and run small enough for a few seconds on 2 CPU cores."""
-    cfg = load_config(os.path.join(ROOT, "experiments", "configs", "tiny.py"))
+    cfg = config_lib.load_config_file(os.path.join(ROOT, "experiments", "configs", "tiny.py"))
     m = cfg.model
     m.num_blocks, m.d_model, m.num_heads, m.d_ff = 2, 32, 2, 64
     cfg.data.seq_len, cfg.data.batch_size = 32, 8
@@ -72,7 +64,7 @@ def run_cli(*args, check=True, **kw):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
 def test_every_config_builds_and_dry_runs(path):
-    cfg = load_config(path)
+    cfg = config_lib.load_config_file(path)
     report = costs.dry_run_report(cfg)
     assert "parameters: total" in report and "FLOPs/token" in report and "GiB" in report
     config_lib.model_config(cfg)
@@ -82,7 +74,7 @@ def test_every_config_builds_and_dry_runs(path):
 def test_paper_27b_parameter_count_is_billions():
     from mhc_jax.costs import abstract_param_counts
 
-    cfg = load_config(os.path.join(ROOT, "experiments", "configs", "paper_27b.py"))
+    cfg = config_lib.load_config_file(os.path.join(ROOT, "experiments", "configs", "paper_27b.py"))
     counts = abstract_param_counts(config_lib.model_config(cfg))
     assert 2.5e9 < counts["total"] < 4e9
     # mHC adds phi (nC x (n^2 + 2n)) + bias + alpha per layer, 60 layers at n = 4, C = 2560
@@ -120,7 +112,9 @@ def test_cli_overrides_and_misspelt_key():
 
 def test_config_file_argument_errors():
     with pytest.raises(KeyError, match="known fields"):
-        load_config(os.path.join(ROOT, "experiments", "configs", "tiny.py"), "expansion=4")
+        config_lib.load_config_file(
+            os.path.join(ROOT, "experiments", "configs", "tiny.py"), "expansion=4"
+        )
 
 
 @pytest.mark.parametrize(

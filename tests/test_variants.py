@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from deepseek_v4_reference import v4_layer
 
-from mhc_jax import connection_modules, connections
+from mhc_jax import connections
+from mhc_jax.connections import modules as connection_modules
 from mhc_jax.interop import deepseek_v4
 from mhc_jax.model import ModelConfig
 from mhc_jax.sharding import strip_boxes

@@ -11,7 +11,7 @@ rows are 128-byte segments 2nC bytes apart, where Triton's post-res moves 4 x 51
         [--shapes 64x64 32x128 16x256 8x512] [--stages 3]
 
 Each row: ms per call (median, as ``kernels.py``) and the fraction of the copy
-ceiling (``copy_ceiling``) at (2n + 1) (T, C) bf16 slabs. A last row moves 8 x 512
+ceiling (``mhc_jax.benchmarking``) at (2n + 1) (T, C) bf16 slabs. A last row moves 8 x 512
 regions as 8 boxes of (8, 64) each into (64, 64) tiles (``sliced_copy``), the way a
 kernel can keep its (64, 64) register code while reading 1 KiB of each token row.
 """
@@ -147,8 +147,8 @@ def sliced_copy(x, f, stages: int, interpret: bool = False):
 
 
 def main() -> None:
-    import copy_ceiling
-    from kernels import timeit
+    from mhc_jax.benchmarking import ceiling as copy_ceiling_of
+    from mhc_jax.benchmarking import measure, timeit
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
     shapes = [parse_shape(s) for s in args.shapes]
-    form, ceiling = copy_ceiling.ceiling(copy_ceiling.measure(reps=args.reps))
+    form, ceiling = copy_ceiling_of(measure(reps=args.reps))
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
     print(f"copy ceiling (read + write): {ceiling / 1e9:.0f} GB/s ({form})")
     t, n, c = args.tokens, args.streams, args.hidden

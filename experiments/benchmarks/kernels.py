@@ -13,7 +13,7 @@ then post-res; f and the cotangents of layer_input and x_next are inputs), the
 transition between two layers (post-res of one, mapping + pre of the next) fused
 (``api.transition``) beside the same two ops in turn ("post-res then pre"), and a
 plain residual add forward+backward (the floor), plus a device copy for the
-bandwidth ceiling (``copy_ceiling``: the best of several copy forms and sizes, and
+bandwidth ceiling (``mhc_jax.benchmarking``: the best of several copy forms and sizes, and
 torch's ``copy_`` where torch and CUDA exist). Passes: 3 warm-up calls, then
 ``--reps`` timed samples, each the mean of 4 back-to-back calls between device syncs;
 the median is printed, with the compile time of each jitted case. ``--impls`` and
@@ -38,65 +38,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import time
 
-import copy_ceiling
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mhc_jax.benchmarking import ceiling, connection_operands, measure, timeit
 from pallas_kernels.mhc import api, backends, blocks, mapping_mosaic, post_res_mosaic
 from pallas_kernels.mhc.context import Context, MappingWeights
 
 BF16, F32 = jnp.bfloat16, jnp.float32
-WARMUP, BATCH = 3, 4
-
-
-def timeit(fn, *args, reps: int) -> float:
-    """Median seconds per call of a jitted fn (device-synchronised)."""
-    for _ in range(WARMUP):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(BATCH):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / BATCH)
-    return statistics.median(samples)
 
 
 def copy_bandwidth(reps: int) -> float:
-    """The copy ceiling (``copy_ceiling``: the best of several copy forms), printed."""
-    form, rate = copy_ceiling.ceiling(copy_ceiling.measure(reps=reps))
+    """The copy ceiling (``mhc_jax.benchmarking``: the best of several copy forms), printed."""
+    form, rate = ceiling(measure(reps=reps))
     print(f"copy ceiling (read + write): {rate / 1e9:.0f} GB/s ({form})")
     return rate
-
-
-def make_inputs(t: int, n: int, c: int):
-    """Random (never zero) operands, drawn on the device."""
-    keys = iter(jax.random.split(jax.random.key(t * 7 + c), 10))
-    k = n * n + 2 * n
-
-    def normal(shape, dtype=BF16, scale=1.0):
-        return (jax.random.normal(next(keys), shape, F32) * scale).astype(dtype)
-
-    def uniform(shape, high):
-        return jax.random.uniform(next(keys), shape, F32, 0.0, high)
-
-    return dict(
-        x=normal((t, n, c)),
-        f=normal((t, c)),
-        d_li=normal((t, c)),
-        d_xn=normal((t, n, c)),
-        phi=normal((n * c, k), F32, 1.0 / np.sqrt(n * c)),
-        bias=normal((k,), F32),
-        alpha=jnp.full((3,), 0.5, F32),
-        h_pre=uniform((t, n), 1.0),
-        h_post=uniform((t, n), 2.0),
-        h_res=uniform((t, n, n), 1.0),
-    )
 
 
 def _vjp_all(fn):
@@ -212,7 +170,7 @@ def bench(args) -> None:
     print(header + f"{'copy':>5} {'xla/impl':>10} {'compile s':>9}")
     for t in args.tokens:
         for c in args.hidden:
-            d = make_inputs(t, args.streams, c)
+            d = connection_operands(t, args.streams, c)
             fn, a, nbytes = residual(d, t, c)
             sec = timeit(jax.jit(fn), *a, reps=args.reps)
             _row(t, c, "residual add fwd+bwd", "xla", sec, nbytes, copy_bw, "")
@@ -338,7 +296,7 @@ def breakdown(args) -> None:
     print(f"per-kernel, {jax.devices()[0].device_kind}")
     for t in args.tokens:
         for c in args.hidden:
-            table = kernel_table(make_inputs(t, args.streams, c), t, args.streams, c)
+            table = kernel_table(connection_operands(t, args.streams, c), t, args.streams, c)
             for name, (fn, a, nbytes, _) in table.items():
                 _row(
                     t,
@@ -385,7 +343,7 @@ def _fixed(blk):
 def sweep(args) -> dict:
     """Times candidate Triton blocks per kernel (alone) at the first (T, C); returns the best."""
     t, c, n = args.tokens[0], args.hidden[0], args.streams
-    table = kernel_table(make_inputs(t, n, c), t, n, c)
+    table = kernel_table(connection_operands(t, n, c), t, n, c)
     print(f"sweep at T={t} C={c} n={n} on {jax.devices()[0].device_kind}")
     best = {}
     for name, candidates in SWEEP.items():

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mhc_jax.sinkhorn import sinkhorn_knopp
+from mhc_jax.connections.sinkhorn import sinkhorn_knopp
 from pallas_kernels.mhc import _coeffs, reference
 
 STDS = (0.1, 1.0, 3.0, 6.0, 10.0, 30.0)

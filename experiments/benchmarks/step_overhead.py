@@ -26,7 +26,7 @@ sub-layer beyond a plain residual's (``floor_bytes_per_token``) at the copy
 bandwidth measured in this run, divided by the first variant's step time.
 ``--profile_dir`` also traces a few steps per variant and prints the GPU kernel
 time per step by category (mHC kernels, matmuls, attention, copies, fusions)
-and the longest kernels (``gpu_profile.py``).
+and the longest kernels (``mhc_jax.profiles``).
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ import json
 import os
 import time
 
-import copy_ceiling  # this directory (scripts run as files)
-import gpu_profile
 import jax
 import numpy as np
 from absl import app, flags
 
-from mhc_jax import costs
+from mhc_jax import benchmarking, costs, profiles
 from mhc_jax.model import ModelConfig
 from mhc_jax.optim import OptimizerConfig, make_optimizer
 from mhc_jax.sharding import MeshConfig
@@ -92,8 +90,8 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps in each profile
 
 def copy_bandwidth(mib: int) -> float:
     """The copy ceiling in bytes/s (read + write) with ``mib`` MiB operands: the best
-    of ``copy_ceiling``'s copy forms (one XLA bf16 form understates an H200 by 25%)."""
-    return copy_ceiling.ceiling(copy_ceiling.measure((mib,), reps=10))[1]
+    of ``mhc_jax.benchmarking``'s copy forms (one XLA bf16 form understates an H200 by 25%)."""
+    return benchmarking.ceiling(benchmarking.measure((mib,), reps=10))[1]
 
 
 def floor_bytes_per_token(n: int, c: int, itemsize: int = 2) -> float:
@@ -167,7 +165,7 @@ def run_variant(spec: str, layout_shape, batch_np) -> dict:
                 for _ in range(_PROFILE_STEPS.value):
                     state, metrics = compiled(state, batch)
                 jax.block_until_ready(metrics)
-            profile = gpu_profile.summarise(trace_dir, _PROFILE_STEPS.value)
+            profile = profiles.summarise(trace_dir, _PROFILE_STEPS.value)
     step_s = float(np.median(times))
     tokens = batch_np["inputs"].size
     flops = costs.train_flops_per_token(cfg, _SEQ.value) * tokens

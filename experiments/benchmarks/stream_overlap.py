@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import compute_on as _compute_on
 from jax.experimental.xla_metadata import set_xla_metadata
-from kernels import timeit  # this directory (scripts run as files)
 
+from mhc_jax.benchmarking import timeit
 from pallas_kernels.mhc import post_res_triton
 from pallas_kernels.mhc._common import Static
 

@@ -117,7 +117,7 @@ def mhc_coefficients(
     """The second half of ``mhc_mappings``: from ``v @ phi`` and ``mean(v**2)`` to h_*.
 
     Split out so a tensor-parallel caller can ``psum`` partial projections and
-    sums of squares over C shards before it (see ``mhc_jax.partitioned``).
+    sums of squares over C shards before it (see ``mhc_jax.connections.partitioned``).
 
     Args:
       proj: (..., K) fp32 projection ``v @ phi``.

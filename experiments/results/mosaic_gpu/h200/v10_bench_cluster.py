@@ -4,21 +4,17 @@ with 20 and 1 Sinkhorn iterations, with and without the pre; and the projection 
     python experiments/results/mosaic_gpu/h200/v10_bench_cluster.py   # from the repo root
 """
 
-import sys
+import jax
 
-sys.path.insert(0, "experiments/benchmarks")
-
-import jax  # noqa: E402
-import kernels as kb  # noqa: E402
-
-from pallas_kernels.mhc import _coeffs  # noqa: E402
-from pallas_kernels.mhc import mapping_cluster_mosaic as cluster  # noqa: E402
-from pallas_kernels.mhc import mapping_mosaic as split  # noqa: E402
-from pallas_kernels.mhc._common import Static, phi_parts  # noqa: E402
+from mhc_jax import benchmarking as kb
+from pallas_kernels.mhc import _coeffs
+from pallas_kernels.mhc import mapping_cluster_mosaic as cluster
+from pallas_kernels.mhc import mapping_mosaic as split
+from pallas_kernels.mhc._common import Static, phi_parts
 
 
 def times(t: int, c: int, n: int = 4) -> list[tuple]:
-    d = kb.make_inputs(t, n, c)
+    d = kb.connection_operands(t, n, c)
     kp = _coeffs.packed_width(n, "mosaic_gpu")
     info = _coeffs.column_info(n, kp, d["bias"], d["alpha"])
     x2 = d["x"].reshape(t, n * c)

@@ -7,9 +7,7 @@ TRACE_A and TRACE_B are ``step_overhead.py --profile_dir`` folders of 3 traced s
 
 import sys
 
-sys.path.insert(0, "experiments/benchmarks")
-
-import gpu_profile  # noqa: E402
+from mhc_jax import profiles as gpu_profile
 
 
 def main(a: str, b: str) -> None:

@@ -18,21 +18,18 @@ script prints it beside the split forward's projection and mapping + pre.
 """
 
 import argparse
-import sys
 
-sys.path.insert(0, "experiments/benchmarks")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
-from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
-
-from pallas_kernels.mhc import _coeffs  # noqa: E402
-from pallas_kernels.mhc import _mosaic_io as io  # noqa: E402
-from pallas_kernels.mhc import mapping_mosaic as split  # noqa: E402
-from pallas_kernels.mhc._common import Static, phi_parts  # noqa: E402
+from pallas_kernels.mhc import _coeffs
+from pallas_kernels.mhc import _mosaic_io as io
+from pallas_kernels.mhc import mapping_mosaic as split
+from pallas_kernels.mhc._common import Static, phi_parts
 
 F32 = jnp.float32
 ROWS = 8  # tokens per CTA: wgmma's smallest N
@@ -155,7 +152,7 @@ def main() -> None:
             races = gpu_callbacks.get_races().races_found
             print(f"interpreter, cluster {cluster}: rel err {err:.2e}, races {races}")
         return
-    import kernels as kb
+    from mhc_jax import benchmarking as kb
 
     for cluster in (1, 8):
         err = check(1024, 1280, cluster, False)

@@ -1,4 +1,4 @@
-"""GPU time of a traced training step, summed by kernel category.
+"""GPU time of a traced training step, summed by kernel category (the benchmarks use it).
 
 ``summarise(trace_dir, steps)`` reads the ``*.xplane.pb`` that
 ``jax.profiler.trace`` wrote, takes every kernel event on the GPU planes'

@@ -5,7 +5,7 @@ Pure functions for SPEC §2-§4: the mappings (``mhc_mappings``, ``hc_mappings``
 the kernels it is the reference of (``pallas_kernels.mhc.reference``, so that the
 kernel package imports nothing of this library) and is exposed here; HC's math and
 the inits are this module's own. The Linen modules that own the parameters and wrap
-one sub-layer are in ``connection_modules.py``. Coefficient math (``h_pre``,
+one sub-layer are in ``modules.py``. Coefficient math (``h_pre``,
 ``h_post``, ``h_res``) is fp32 whatever the stream dtype; the apply functions return
 the stream dtype.
 """

@@ -22,7 +22,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mhc_jax import connections
+from mhc_jax.connections import functional as connections
 from pallas_kernels.mhc import api, backends
 from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights, Pending
 

@@ -1,6 +1,6 @@
 """Residual, HC and mHC connections as Linen modules around one sub-layer ``F``.
 
-The modules own the parameters; the math is ``connections.py``'s pure functions
+The modules own the parameters; the math is ``functional.py``'s pure functions
 (mHC's through ``partitioned.py``, which picks the kernels and the mesh layout):
 
     x_next = connection(x, branch)      # x: (..., n, C), branch: (..., C) -> (..., C)
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mhc_jax import partitioned
-from mhc_jax.connections import (
+from mhc_jax.connections import partitioned
+from mhc_jax.connections.functional import (
     MHC_INITS,
     HCDynamicParams,
     apply_post_res,
