@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mhc_jax.loop import load_run, run_tokenizer, sample_prompt
-from mhc_jax.sampling import generate
+from mhc_jax.run_dir import load_run, run_tokenizer
+from mhc_jax.sampling import generate, sample_prompt
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory written by experiments/train.py (local or gs://)."

@@ -2,8 +2,8 @@
 the operands of the kernel benchmarks.
 
 The copy ceiling is the best read + write bandwidth of several copy forms: one XLA form
-understates what the memory can do (on an H200, XLA's bf16 elementwise ops stay well
-below torch's ``copy_``). Kernels are judged against the best of: negation of bf16 and
+understates what the memory can do (XLA's bf16 elementwise ops can stay well below
+torch's ``copy_``). Kernels are judged against the best of: negation of bf16 and
 of fp32, an integer add on bf16 pairs viewed as uint32, each at two sizes, plus torch's
 ``Tensor.copy_`` where torch and a CUDA device exist.
 """
@@ -86,7 +86,7 @@ def measure(sizes_mib=(256, 1024), reps: int = 20) -> dict[str, float]:
 
 def ceiling(rates: dict[str, float]) -> tuple[str, float]:
     """(form, bytes/s) of the fastest measured form."""
-    best = max(rates, key=rates.get)
+    best = max(rates, key=lambda form: rates[form])
     return best, rates[best]
 
 

@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
             max_nonfinite_streak=10,
             # XLA's run-to-run deterministic mode for the jitted steps (GPU: deterministic
             # scatter for the embedding gradient, and XLA attention instead of cuDNN's; CPU
-            # runs are deterministic without it). See README, Reliability.
+            # runs are deterministic without it). See docs/training.md.
             deterministic=False,
             sample_tokens=200,
             sample_prompt="ROMEO:",
@@ -110,6 +110,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
         raise FileNotFoundError(f"config file {path!r} does not exist")
     name = "mhc_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path  # a .py file that exists
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):

@@ -7,6 +7,7 @@ Activations run in ``dtype`` (e.g. bf16) with parameters stored in
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -17,18 +18,20 @@ F32 = jnp.float32
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def attention_impl(requested: str, dtype, head_dim: int, seq_len: int) -> str:
+def attention_impl(requested: str, dtype, head_dim: int, seq_len: int) -> Literal["xla", "cudnn"]:
     """The ``jax.nn.dot_product_attention`` implementation to use.
 
     "auto" takes cuDNN's fused flash attention where it applies (a GPU backend,
     16-bit activations, head size a multiple of 8 up to 128, an even sequence
     length: its causal training kernels reject odd ones) and XLA elsewhere.
     JAX's own default (``implementation=None``) is the XLA path, which
-    materialises the (B, H, T, T) scores: at T = 2048 that alone made training
-    several times slower on an H100.
+    materialises the (B, H, T, T) scores: at training sequence lengths they cost
+    more time and memory than the rest of the step (docs/benchmarks.md).
     """
+    if requested == "xla" or requested == "cudnn":
+        return "xla" if requested == "xla" else "cudnn"
     if requested != "auto":
-        return requested
+        raise ValueError(f"attention={requested!r} is invalid: must be one of {ATTENTION_IMPLS}")
     fits = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
     fits = fits and seq_len % 2 == 0
     return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"

@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
+from typing import TextIO
 
 import numpy as np
 from etils import epath
@@ -72,7 +73,8 @@ class MetricsLogger:
         sync_every_s: float = 60.0,
     ):
         self.enabled = enabled
-        self._writer = self._jsonl = self._bar = self._staging = None
+        self._writer = self._bar = self._staging = None
+        self._jsonl: TextIO | None = None
         if not enabled:
             return
         self._workdir = paths.path(workdir)
@@ -105,7 +107,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {k: _to_float(v) for k, v in values.items()}
-        self._jsonl.write(json.dumps({"step": int(step), "split": split, **record}) + "\n")
+        self._metrics_file.write(json.dumps({"step": int(step), "split": split, **record}) + "\n")
         if self._writer is not None:
             for key, value in record.items():
                 self._writer.add_scalar(f"{split}/{key}", value, int(step))
@@ -152,11 +154,16 @@ class MetricsLogger:
             self._bar.close()
             self._bar = None
 
+    @property
+    def _metrics_file(self) -> TextIO:
+        assert self._jsonl is not None, "an enabled logger opened metrics.jsonl"
+        return self._jsonl
+
     def sync(self) -> None:
         """Uploads the files written since the last sync to a gs:// workdir (else nothing)."""
         if not self.enabled or self._staging is None:
             return
-        self._jsonl.flush()
+        self._metrics_file.flush()
         if self._writer is not None:
             self._writer.flush()
         for file in paths.walk_files(self._dir):
@@ -176,6 +183,6 @@ class MetricsLogger:
         self.sync()
         if self._writer is not None:
             self._writer.close()
-        self._jsonl.close()
+        self._metrics_file.close()
         if self._staging is not None:
             self._staging.cleanup()

@@ -25,6 +25,7 @@ import multiprocessing
 import tempfile
 import time
 from concurrent import futures
+from typing import Any
 
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
@@ -50,16 +51,19 @@ class _ShardWriter:
 
     def __init__(self, out_dir: epath.Path, split: str, records_per_shard: int):
         self.out_dir, self.split, self.per_shard = out_dir, split, records_per_shard
-        self.info = {"num_docs": 0, "num_bytes": 0, "num_tokens": 0, "shards": []}
-        self._writer, self._in_shard = None, 0
+        self.info: dict[str, Any] = {"num_docs": 0, "num_bytes": 0, "num_tokens": 0, "shards": []}
+        self._writer: ArrayRecordWriter | None = None
+        self._in_shard = 0
 
     def write(self, record: bytes, num_bytes: int, num_tokens: int) -> None:
         if self._writer is None or self._in_shard == self.per_shard:
             self.close()
             name = f"{self.split}-{len(self.info['shards']):05d}.array_record"
-            self._writer = ArrayRecordWriter(str(self.out_dir / name), "group_size:1")
+            writer = self._writer = ArrayRecordWriter(str(self.out_dir / name), "group_size:1")
             self.info["shards"].append(name)
-        self._writer.write(record)
+        else:
+            writer = self._writer
+        writer.write(record)
         self._in_shard += 1
         self.info["num_docs"] += 1
         self.info["num_bytes"] += num_bytes
@@ -118,7 +122,7 @@ def _encoded(docs, spec: str, processes: int):
     with futures.ProcessPoolExecutor(
         processes, mp_context=ctx, initializer=_init_worker, initargs=(spec,)
     ) as pool:
-        pending = collections.deque()
+        pending: collections.deque = collections.deque()
         for batch in _batches(docs, BATCH_DOCS):
             pending.append(pool.submit(_encode_in_worker, batch))
             if len(pending) >= 2 * processes:
@@ -246,13 +250,15 @@ def _write(
             out.mkdir(parents=True, exist_ok=True)
             (out / MARKER).write_text("")
         writers = {s: _ShardWriter(local, s, records_per_shard) for s in data.SPLITS}
-        held = dict.fromkeys(data.SPLITS)  # each split's newest document, written late
+        # each split's newest document (record, bytes, tokens), written late
+        held: dict[str, tuple[bytes, int, int] | None] = dict.fromkeys(data.SPLITS)
         start = time.time()
         bar = _progress_bar() if progress else None
         for doc, record, num_bytes, num_tokens in _encoded(docs, tokenizer, processes):
             split = "validation" if is_validation(doc, seed, val_fraction) else "train"
-            if held[split] is not None:
-                writers[split].write(*held[split])
+            newest = held[split]
+            if newest is not None:
+                writers[split].write(*newest)
             held[split] = (record, num_bytes, num_tokens)
             if bar is not None:
                 _advance(bar, num_bytes, num_tokens, start)

@@ -37,10 +37,11 @@ def category(kernel: str) -> str:
     return OTHER
 
 
-def kernel_times(xspace) -> tuple[collections.Counter, collections.Counter]:
+def kernel_times(xspace) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """Total ns and event count per kernel name over the GPU planes' stream lines
     of a ProfileData."""
-    totals, counts = collections.Counter(), collections.Counter()
+    totals: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     for plane in xspace.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -69,7 +70,9 @@ def breakdown(xspace, steps: int, top: int = 12) -> dict:
     of a ProfileData holding ``steps`` steps. "mhc" lists every mHC kernel, the
     copies XLA numbers (``name__1``, ...) merged under one name."""
     totals, counts = kernel_times(xspace)
-    by_category, mhc_ns, mhc_calls = (collections.Counter() for _ in range(3))
+    by_category: collections.Counter[str] = collections.Counter()
+    mhc_ns: collections.Counter[str] = collections.Counter()
+    mhc_calls: collections.Counter[str] = collections.Counter()
     for kernel, ns in totals.items():
         by_category[category(kernel)] += ns
         if category(kernel) == CATEGORIES[0][0]:

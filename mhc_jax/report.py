@@ -28,7 +28,7 @@ from mhc_jax.results import (
 COLORS = {"residual": "0.3", "hc": "tab:red", "mhc": "tab:blue"}
 
 
-def _grid(count: int, cols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+def _grid(count: int, cols: int, size: tuple[float, float]) -> tuple[Figure, np.flatiter]:
     cols = max(1, min(cols, count))
     rows = -(-count // cols)
     fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")

@@ -24,6 +24,7 @@ import functools
 import io
 import math
 
+import ml_collections
 import numpy as np
 
 from mhc_jax import paths
@@ -53,7 +54,7 @@ class RunData:
     """
 
     name: str
-    config: object
+    config: ml_collections.ConfigDict
     metrics: dict[str, list[dict]]
     profiles: list[dict]
 
@@ -92,13 +93,13 @@ def load_run(run_dir: str, name: str | None = None) -> RunData:
     """Reads one run directory (config.json, metrics.jsonl, optional diagnostics.jsonl)."""
     from mhc_jax.config import config_from_json
 
-    run_dir = paths.path(run_dir)
-    config = config_from_json((run_dir / "config.json").read_text())
-    records = read_jsonl(run_dir / METRICS_FILE)
+    directory = paths.path(run_dir)
+    config = config_from_json((directory / "config.json").read_text())
+    records = read_jsonl(directory / METRICS_FILE)
     metrics = {s: _by_step([r for r in records if r.get("split") == s]) for s in SPLITS}
-    profiles_path = run_dir / PROFILES_FILE
+    profiles_path = directory / PROFILES_FILE
     profiles = _by_step(read_jsonl(profiles_path)) if profiles_path.exists() else []
-    return RunData(name or run_dir.name, config, metrics, profiles)
+    return RunData(name or directory.name, config, metrics, profiles)
 
 
 def find_run_dirs(sweep_dir: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""A run directory's recorded config, what may change on resume, and a finished run's results.
+"""A run directory: its recorded config, what may change on resume, a finished run's
+results, and a run's checkpoint and tokenizer for sampling.
 
 ``<workdir>/config.json`` records the config of the run whose checkpoints the workdir
 holds. Re-running the workdir resumes that run only if the new config differs from the
@@ -12,16 +13,26 @@ from __future__ import annotations
 
 import json
 
+import jax
 import ml_collections
 from etils import epath
 
 from mhc_jax import config as config_lib
-from mhc_jax import paths
-from mhc_jax.checkpointing import saved_steps
+from mhc_jax import paths, tokenizers
+from mhc_jax.checkpointing import Checkpointer, saved_steps
 from mhc_jax.logging import METRICS_FILE, read_jsonl
+from mhc_jax.model import ModelConfig
+from mhc_jax.optim import make_optimizer
+from mhc_jax.train import init_train_state
 
 CONFIG_FILE = "config.json"
 SAMPLE_FILE = "sample.txt"
+
+
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+    """Where a run keeps its checkpoints: ``<workdir>/checkpoints``."""
+    return paths.path(workdir) / "checkpoints"
+
 
 # The only fields a resumed run may change ("section.*": every field of the section).
 RESUMABLE_FIELDS = (
@@ -106,7 +117,7 @@ def check_resume(workdir: str | epath.Path, config: ml_collections.ConfigDict) -
         recorded and new values.
     """
     old = recorded_config(workdir)
-    if old is None or not saved_steps(paths.path(workdir) / "checkpoints"):
+    if old is None or not saved_steps(checkpoint_dir(workdir)):
         return  # nothing saved yet (config.json is written before the first checkpoint)
     new = flat_config(config)
     changed = [k for k in new if old[k] != new[k] and not may_change(k)]
@@ -153,7 +164,7 @@ def finished_results(workdir: str | epath.Path, num_steps: int) -> dict | None:
       ValueError: the newest checkpoint is past ``num_steps`` (training.num_steps).
     """
     workdir = paths.path(workdir)
-    steps = saved_steps(workdir / "checkpoints")
+    steps = saved_steps(checkpoint_dir(workdir))
     if not steps or steps[-1] < num_steps:
         return None
     if steps[-1] > num_steps:
@@ -177,3 +188,37 @@ def finished_results(workdir: str | epath.Path, num_steps: int) -> dict | None:
     if (workdir / SAMPLE_FILE).exists():
         result["sample"] = (workdir / SAMPLE_FILE).read_text()
     return result
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[ModelConfig, dict, int]:
+    """(ModelConfig, params, step) of a training run's checkpoint (newest by default);
+    ``workdir`` local or gs://."""
+    path = paths.path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is --workdir a training run directory?")
+    cfg = config_lib.config_from_json(path.read_text())
+    model_cfg = config_lib.model_config(cfg)
+    tx = make_optimizer(config_lib.optimizer_config(cfg), cfg.training.num_steps)
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, tx, cfg.training.seed))
+    restored = Checkpointer(checkpoint_dir(workdir)).restore(abstract, step=step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    return model_cfg, restored.state.params, restored.step
+
+
+def run_tokenizer(workdir: str) -> tokenizers.Tokenizer:
+    """The tokenizer a training run recorded (``data.tokenizer``), checked against the
+    identity it recorded (``data.tokenizer_id``).
+
+    Raises:
+      ValueError: the tokenizer file changed since the run (both identities named).
+    """
+    cfg = config_lib.config_from_json((paths.path(workdir) / CONFIG_FILE).read_text())
+    tok = tokenizers.load(cfg.data.tokenizer)
+    now = tokenizers.identity_string(tok.identity)
+    if now != cfg.data.tokenizer_id:
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer!r} is now {now}, but the run in {workdir} "
+            f"was trained with {cfg.data.tokenizer_id}: the tokenizer file changed"
+        )
+    return tok

@@ -12,8 +12,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mhc_jax.model import LM, ModelConfig
+from mhc_jax.tokenizers import ByteTokenizer, Tokenizer
 
 
 def init_cache(params, config: ModelConfig, batch: int, max_len: int):
@@ -104,3 +106,11 @@ def generate(
         num_tokens=num_tokens,
         top_k=top_k,
     )
+
+
+def sample_prompt(tok: Tokenizer, text: str) -> jax.Array:
+    """(1, P) ids starting a sample: the byte tokenizer's BOS then the text's bytes; for
+    the others the text's tokens after an EOS (a document boundary, as in training)."""
+    if isinstance(tok, ByteTokenizer):
+        return jnp.asarray(tok.encode(text, add_bos=True)[None, :])
+    return jnp.asarray(np.concatenate([[tok.eos_id], tok.encode(text)]).astype(np.int32)[None])

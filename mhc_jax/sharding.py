@@ -62,7 +62,7 @@ class MeshConfig:
                 f"sharding.(data, fsdp, tensor)={tuple(sizes)} is invalid: the product "
                 f"{math.prod(sizes)} must equal the {num_devices} devices"
             )
-        return tuple(sizes)
+        return sizes[0], sizes[1], sizes[2]
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:

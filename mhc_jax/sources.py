@@ -20,6 +20,7 @@ import io
 import json
 import lzma
 from collections.abc import Iterator
+from typing import cast
 
 from etils import epath
 
@@ -110,7 +111,8 @@ def _decompressed(path: epath.Path) -> io.BufferedIOBase:
     if name.endswith(".zst"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw)
+        # a readable binary stream, though not declared an io.BufferedIOBase
+        return cast(io.BufferedIOBase, zstandard.ZstdDecompressor().stream_reader(raw))
     return raw
 
 

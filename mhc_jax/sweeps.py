@@ -94,6 +94,7 @@ def resolve_sweep_path(spec: str) -> str:
 
 def _load_module(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path  # a .py file that exists
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -121,9 +122,9 @@ def _name_part(axis: str, value) -> str:
 
 def _expand_values(axes: dict) -> list[dict]:
     """The grid of axis values, dependent axes evaluated on the values before them."""
-    grid = [{}]
+    grid: list[dict] = [{}]
     for axis, values in axes.items():
-        expanded = []
+        expanded: list[dict] = []
         for partial in grid:
             choices = values(dict(partial)) if callable(values) else values
             if not isinstance(choices, list | tuple | range) or not choices:
@@ -196,7 +197,8 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
             raise ValueError(f"sweep {name}: override {clash} is swept by axis {axis!r}")
     where = definition.get("where", lambda values: True)
     module = _load_module(config_path, "sweep_base_config")
-    runs, names = [], {}
+    runs: list[Run] = []
+    names: dict[str, dict] = {}
     for values in _expand_values(axes):
         if not where(values):
             continue
@@ -250,8 +252,9 @@ def train_command(sweep: Sweep, run: Run, workdir: str, python: str = "python") 
 
 def _saved_steps(run_dir: str) -> list[int]:
     from mhc_jax.checkpointing import saved_steps
+    from mhc_jax.run_dir import checkpoint_dir
 
-    return saved_steps(paths.path(run_dir) / "checkpoints")
+    return saved_steps(checkpoint_dir(run_dir))
 
 
 def is_finished(run_dir: str, num_steps: int) -> bool:
@@ -315,6 +318,7 @@ def parse_overrides(items: list[str]) -> dict:
         path, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--override={item!r}: expected section.field=value")
+        value: object
         if raw.lower() in ("true", "false"):
             value = raw.lower() == "true"
         else:

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import os
 import tempfile
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -61,6 +62,8 @@ class _FileTokenizer:
     """A tokenizer read from one file: its kind, path and content hash make its identity."""
 
     kind = ""
+    vocab_size: int
+    pad_id: int
 
     def __init__(self, path: str):
         self.path = paths.path(path)
@@ -109,8 +112,8 @@ class HFTokenizer(_FileTokenizer):
         self._tok = tokenizers.Tokenizer.from_str(self.data.decode("utf-8"))
         self._tok.encode_special_tokens = True  # "</s>" in a document is text, not EOS
         self.vocab_size = self._tok.get_vocab_size()
-        found = [self._tok.token_to_id(t) for t in HF_EOS_TOKENS]
-        found = [i for i in found if i is not None]
+        ids = (self._tok.token_to_id(t) for t in HF_EOS_TOKENS)
+        found = [i for i in ids if i is not None]
         if not found:
             raise ValueError(
                 f"hf tokenizer {path!r} has none of the end-of-text tokens {HF_EOS_TOKENS}"
@@ -158,6 +161,9 @@ class TiktokenTokenizer(_FileTokenizer):
         return self._enc.decode(ids, errors="replace")
 
 
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer | TiktokenTokenizer
+
+
 def identity_string(identity: dict) -> str:
     """A tokenizer's ``identity`` as one string, "kind:vocab_size[:sha256]" (the form
     ``data.tokenizer_id`` records)."""
@@ -168,13 +174,16 @@ def identity_string(identity: dict) -> str:
 BYTE_IDENTITY = "byte:259"
 
 
-def load(spec: str):
+def load(spec: str) -> Tokenizer:
     """The tokenizer a spec string names (module docstring)."""
     kind, _, path = spec.partition(":")
     if kind == "byte" and not path:
         return ByteTokenizer()
-    classes = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
-    classes["tiktoken"] = TiktokenTokenizer
+    classes: dict[str, type[SentencePieceTokenizer | HFTokenizer | TiktokenTokenizer]] = {
+        "sentencepiece": SentencePieceTokenizer,
+        "hf": HFTokenizer,
+        "tiktoken": TiktokenTokenizer,
+    }
     if kind not in classes or not path:
         raise ValueError(
             f"data.tokenizer={spec!r} is invalid: must be 'byte' or KIND:PATH with KIND in "
@@ -204,7 +213,7 @@ def train_sentencepiece(
     with tempfile.TemporaryDirectory(prefix="mhc_jax_spm-") as tmp:
         prefix = os.path.join(tmp, "spm")
         train = sentencepiece.SentencePieceTrainer.train
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             sentence_iterator=itertools.islice(iter(texts), max_documents),
             model_prefix=prefix,
             vocab_size=vocab_size,

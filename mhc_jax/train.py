@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mhc_jax import diagnostics
 from mhc_jax import sharding as sharding_lib
-from mhc_jax.model import LM, ModelConfig
+from mhc_jax.model import LM, ModelConfig, init_params
 from mhc_jax.optim import global_norm
 
 LN2 = 0.6931471805599453
@@ -46,7 +46,7 @@ def init_train_state(
     Flax's ``LogicallyPartitioned`` boxes (for ``sharding.tree_shardings``).
     """
     init_key, rng = jax.random.split(jax.random.key(seed))
-    params = LM(model_cfg).init(init_key, jnp.zeros((1, 8), jnp.int32))["params"]
+    params = init_params(model_cfg, init_key, boxed=True)
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(zero, params, tx.init(params), rng, zero, zero)
     return state if boxed else sharding_lib.strip_boxes(state)
@@ -136,7 +136,8 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, ac
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = (~finite).astype(jnp.int32)
-        new_state = state.replace(
+        new_state = dataclasses.replace(
+            state,
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),

@@ -175,7 +175,7 @@ def train_losses(workdir):
 
 
 def final_params(workdir):
-    _, params, step = loop.load_run(workdir)
+    _, params, step = run_dir.load_run(workdir)
     return step, params
 
 

@@ -75,7 +75,7 @@ _SCAN = flags.DEFINE_bool(
     "scan",
     False,
     "Scan over blocks: faster compiles, but on GPU XLA copies every saved activation into "
-    "the scan's stacked buffers (about 45 ms of a 308 ms step at shape A on an H100).",
+    "the scan's stacked buffers (docs/benchmarks.md has the cost).",
 )
 _ATTENTION = flags.DEFINE_enum(
     "attention", "auto", ["auto", "xla", "cudnn"], "Attention implementation (ModelConfig)."
@@ -90,7 +90,7 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps in each profile
 
 def copy_bandwidth(mib: int) -> float:
     """The copy ceiling in bytes/s (read + write) with ``mib`` MiB operands: the best
-    of ``mhc_jax.benchmarking``'s copy forms (one XLA bf16 form understates an H200 by 25%)."""
+    of ``mhc_jax.benchmarking``'s copy forms (one XLA bf16 form alone understates it)."""
     return benchmarking.ceiling(benchmarking.measure((mib,), reps=10))[1]
 
 

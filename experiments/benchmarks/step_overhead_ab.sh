@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shapes A and B of the end-to-end overhead benchmark on one GPU, every variant of
-# a shape in one process (see BENCHMARKS.md). Logs and JSON go to $1 (default /tmp).
+# a shape in one process (see docs/benchmarks.md). Logs and JSON go to $1 (default /tmp).
 #   bash experiments/benchmarks/step_overhead_ab.sh /tmp/overhead
 set -uo pipefail
 out=${1:-/tmp}

@@ -12,10 +12,9 @@ each layer's GEMMs and kernel. Ratios are against the same-stream time.
 
     python experiments/benchmarks/stream_overlap.py --hlo_out=/tmp/overlap_hlo.txt
 
-Needs a GPU. On an H100 (JAX 0.11.2) one layer's streamed call was scheduled
-after the GEMMs (no overlap), and over 8 layers about 29% of the kernels' time
-was hidden (BENCHMARKS.md). The scheduling group lands, as JAX lowers it, on
-the call's output placement annotations rather than on the call itself.
+Needs a GPU; docs/benchmarks.md has the results. The scheduling group lands, as
+JAX lowers it, on the call's output placement annotations rather than on the call
+itself.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ policies select.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -143,8 +144,8 @@ class ManifoldHyperConnection(nn.Module):
       layer_index: sub-layer index k (used by the residual init).
       num_iters: Sinkhorn iterations.
       norm_eps: epsilon of the RMS over the n*C flattened streams.
-      init: "residual" (starts as a pre-norm residual network) or "uniform"
-        (all biases 0).
+      init_scheme: "residual" (starts as a pre-norm residual network) or "uniform"
+        (all biases 0); not ``init``, which would hide ``nn.Module.init``.
       variant: the coefficient math, "paper" (SPEC §4-5), "deepseek_v4" (DeepSeek-V4's
         eps terms) or "lite" (mHC-lite: h_res a convex combination of the n!
         permutations, n <= 4); see ``pallas_kernels.mhc.variants``. The kernels take
@@ -163,7 +164,7 @@ class ManifoldHyperConnection(nn.Module):
     layer_index: int
     num_iters: int = 20
     norm_eps: float = 1e-6
-    init: str = "residual"
+    init_scheme: str = "residual"
     variant: str = "paper"
     alpha_init: float = 0.01
     impl: str = "auto"
@@ -172,19 +173,19 @@ class ManifoldHyperConnection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array | Pending, branch: Branch) -> jax.Array | Pending:
-        pending = x if isinstance(x, Pending) else None
         n, c = check_streams(
-            "ManifoldHyperConnection", x if pending is None else pending.ctx.streams
+            "ManifoldHyperConnection", x.ctx.streams if isinstance(x, Pending) else x
         )
-        if self.init not in MHC_INITS:
+        if self.init_scheme not in MHC_INITS:
             raise ValueError(
-                f"ManifoldHyperConnection.init must be one of {MHC_INITS}, got {self.init!r}"
+                f"ManifoldHyperConnection.init_scheme must be one of {MHC_INITS}, "
+                f"got {self.init_scheme!r}"
             )
         variants.check(self.variant, n, name="ManifoldHyperConnection.variant")
         width = variants.width(n, self.variant)
         zeros = nn.initializers.zeros_init()
         phi = self.param("phi", _param_init(zeros, ("streams", "embed", "coeffs")), (n, c, width))
-        if self.init == "residual":
+        if self.init_scheme == "residual":
             init_bias = lambda *_: residual_init_bias(n, self.layer_index, self.variant)
         else:
             init_bias = lambda *_: jnp.zeros((width,), F32)
@@ -193,16 +194,16 @@ class ManifoldHyperConnection(nn.Module):
         # At init only shapes matter: pure jnp, unpartitioned (the dummy batch need
         # not divide the mesh, and no kernel is compiled).
         init = self.is_initializing()
-        layout = dict(
+        layout: dict[str, Any] = dict(
             impl="xla" if init else self.impl, residual_shard=self.residual_shard, on_mesh=not init
         )
         weights = MappingWeights(phi, bias, alpha)
         config = MappingConfig(self.num_iters, self.norm_eps, self.variant)
-        if pending is None:
-            layer_input, ctx = partitioned.mhc_pre(x, weights, config, **layout)
-        else:
-            layer_input, ctx = partitioned.transition(pending, weights, config, **layout)
+        if isinstance(x, Pending):
+            layer_input, ctx = partitioned.transition(x, weights, config, **layout)
             ctx = ctx._replace(streams=_named(ctx.streams)[0])  # x_next, as post-res names it
+        else:
+            layer_input, ctx = partitioned.mhc_pre(x, weights, config, **layout)
         ctx = ctx._replace(**dict(zip(("h_pre", "h_post", "h_res"), _named(*ctx[:3]))))
         _sow_coefficients(self, ctx.h_pre, ctx.h_post, ctx.h_res)
         f = _run_branch(branch, layer_input)

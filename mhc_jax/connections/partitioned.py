@@ -15,6 +15,7 @@ name first; with "auto" or "pallas" the kernel api then picks a backend per op.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,9 @@ def _mesh_layout(residual_shard: str, ndim: int, on_mesh: bool):
 
 
 def _context_spec(x_spec, tok_spec) -> Context:
-    """A Context's PartitionSpecs: coefficients per token, streams as x."""
-    return Context(P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None), x_spec)
+    """A Context's PartitionSpecs (a Context holding specs): coefficients per token,
+    streams as x."""
+    return Context._make((P(*tok_spec, None), P(*tok_spec, None), P(*tok_spec, None, None), x_spec))
 
 
 def _local_pre(x, weights, *, impl, config, c_axis, c_total):
@@ -111,7 +113,7 @@ def mhc_pre(
     return jax.shard_map(
         functools.partial(fn, c_axis=c_axis),
         mesh=mesh,
-        in_specs=(x_spec, MappingWeights(P(None, c_axis, None), P(), P())),
+        in_specs=(x_spec, MappingWeights._make((P(None, c_axis, None), P(), P()))),
         out_specs=(P(*x_spec[:2], x_spec[3]), _context_spec(x_spec, tok_spec)),
         check_vma=impl == "xla",  # kernel outputs carry no varying-axis types
     )(x, weights)
@@ -154,7 +156,7 @@ def transition(
     x = ctx.streams
     n, c = x.shape[-2:]
     impl = backends.resolve(impl, n, field="model.impl")
-    layout = dict(impl=impl, residual_shard=residual_shard, on_mesh=on_mesh)
+    layout: dict[str, Any] = dict(impl=impl, residual_shard=residual_shard, on_mesh=on_mesh)
     mesh, c_axis, x_spec, tok_spec = _mesh_layout(residual_shard, x.ndim, on_mesh)
     if c_axis is not None:
         return mhc_pre(post_res(ctx, f, **layout), weights, config, **layout)
@@ -166,7 +168,7 @@ def transition(
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=(ctx_spec, f_spec, MappingWeights(P(), P(), P())),
+        in_specs=(ctx_spec, f_spec, MappingWeights._make((P(), P(), P()))),
         out_specs=(f_spec, ctx_spec),
         check_vma=impl == "xla",
     )(ctx, f, flat)

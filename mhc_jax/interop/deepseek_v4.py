@@ -260,5 +260,5 @@ def _put(flat: dict, path: tuple, step: int | None, value: np.ndarray) -> None:
         raise ValueError(
             f"load_deepseek_v4: {'/'.join(path)} has shape {target}, V4 gives {value.shape}"
         )
-    value = jnp.asarray(value, old.dtype)
-    flat[path] = value if step is None else old.at[step].set(value)
+    new = jnp.asarray(value, old.dtype)
+    flat[path] = new if step is None else old.at[step].set(new)

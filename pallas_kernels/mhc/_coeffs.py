@@ -79,8 +79,8 @@ class Info(NamedTuple):
 def load_info(read_row, iota, n: int) -> Info:
     """Builds ``Info`` from ``read_row(r) -> (1, kp)`` and ``iota(w) -> (1, w)`` int32
     (the backend-specific ref read and 2-D iota)."""
-    rows = (read_row(r).astype(F32) for r in range(4))
-    return Info(*rows, iota(1 << (n - 1).bit_length()))
+    bias, alpha, group, lane = (read_row(r).astype(F32) for r in range(4))
+    return Info(bias, alpha, group, lane, iota(1 << (n - 1).bit_length()))
 
 
 def lane_column(a: jax.Array, info: Info, k: int) -> jax.Array:
@@ -193,7 +193,8 @@ def _run_starts(t, info: Info, runs):
     lg, m, p = _first_iteration(t, info)
     starts = [m]
     for start, stop in runs[:-1]:
-        lg, m = _rebuild(lg, *_scaled_iterate(m, info, start, stop)[1:], info)
+        _, u, v = _scaled_iterate(m, info, start, stop)
+        lg, m = _rebuild(lg, u, v, info)
         starts.append(m)
     return starts, p
 
@@ -241,7 +242,7 @@ def sinkhorn_vjp(t, g, info: Info, num_iters: int) -> tuple[jax.Array, ...]:
 
         grad = lax.fori_loop(0, stop - start, back, grad)
     # Iteration 0: starts[0] = row softmax of lc, lc = column log-softmax of t.
-    grad = [gr - m * jnp.sum(gr, axis=1, keepdims=True) for gr, m in zip(grad, starts[0])]
+    grad = tuple(gr - m * jnp.sum(gr, axis=1, keepdims=True) for gr, m in zip(grad, starts[0]))
     col = sum(grad)
     return tuple(gr - pr * col for gr, pr in zip(grad, p))
 

@@ -36,8 +36,8 @@ TILE = plgpu.Layout.WGMMA  # (BT, bc) tiles in registers
 ROW = plgpu.Layout.WGMMA.reduce(1)  # (BT,) per-token values, broadcast along columns
 
 
-# Lane-level lowering: every value's layout is given, so Mosaic GPU's layout inference
-# (most of the lowering time: 28 of 29 s for one kernel, minutes for some) is skipped.
+# Lane-level lowering: every value's layout is given, so Mosaic GPU's layout inference,
+# which dominates lowering time (experiments/results/mosaic_gpu/NOTES.md), is skipped.
 # It needs stream tiles in swizzled shared memory (``tile_smem``).
 LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
@@ -154,10 +154,12 @@ def swizzled(cols: int, itemsize: int = 2) -> tuple:
     values of ``itemsize`` bytes wide (the widest swizzle such a row fills): WGMMA-layout
     loads and stores are then free of bank conflicts, and wgmma takes them as operands."""
     swizzle = min(128, cols * itemsize)
-    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+    # jax declares transform_array with an empty body, which mypy takes as abstract
+    tiling = plgpu.TilingTransform((8, swizzle // itemsize))  # type: ignore[abstract]
+    return tiling, plgpu.SwizzleTransform(swizzle)  # type: ignore[abstract]
 
 
-def tile_smem(shape: tuple, dtype) -> plgpu.SMEM:
+def tile_smem(shape: tuple, dtype) -> pl.MemoryRef:
     """Shared memory for (..., BT, bc) stream tiles, swizzled along bc (``swizzled``);
     TMA copies lay tiles out so."""
     return plgpu.SMEM(shape, dtype, transforms=swizzled(shape[-1], jnp.dtype(dtype).itemsize))

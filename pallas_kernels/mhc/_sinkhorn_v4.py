@@ -110,7 +110,8 @@ def token_sinkhorn(t, num_iters: int, eps: float):
 
 def token_sinkhorn_vjp(t, g, num_iters: int, eps: float):
     """Its VJP w.r.t. t for the cotangent g (same layout)."""
-    return _sinkhorn_vjp(*_token_ops(eps), t, g, num_iters)
+    first, step, step_vjp, first_vjp = _token_ops(eps)
+    return _sinkhorn_vjp(first, step, step_vjp, first_vjp, t, g, num_iters)
 
 
 # ------------------------------------------------------------ rows of (BT, np2(n))
@@ -166,4 +167,5 @@ def rows_sinkhorn(t, valid, num_iters: int, eps: float):
 
 def rows_sinkhorn_vjp(t, g, valid, num_iters: int, eps: float):
     """Its VJP w.r.t. the rows t for the cotangent rows g."""
-    return _sinkhorn_vjp(*_rows_ops(valid, eps), tuple(t), tuple(g), num_iters)
+    first, step, step_vjp, first_vjp = _rows_ops(valid, eps)
+    return _sinkhorn_vjp(first, step, step_vjp, first_vjp, tuple(t), tuple(g), num_iters)

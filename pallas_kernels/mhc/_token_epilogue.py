@@ -7,9 +7,9 @@ per-token coefficient is its own array of any shape: a Sinkhorn row or column su
 a sum of n arrays, so the math is element-wise over tokens and needs no lane
 reductions. ``epilogue_mosaic`` runs it on (128,) row vectors, one token per thread;
 as plain XLA ops it serves as that kernel's test reference (on a GPU its loops
-become XLA while loops: ~0.5 ms forward and ~3 ms backward at any T). Loops stay
-rolled (``lax.fori_loop``): unrolled, the VJP is ~14k HLO ops at n = 4, which XLA
-took minutes to compile.
+become XLA while loops, a kernel launch per iteration). Loops stay rolled
+(``lax.fori_loop``): unrolled, the VJP is ~14k HLO ops at n = 4, too many for XLA to
+compile quickly.
 
 Coefficient k of a token follows phi's column order: pre [0, n), post [n, 2n), res
 [2n, K) row-major (entry (i, j) at 2n + i*n + j).

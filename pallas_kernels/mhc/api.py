@@ -80,6 +80,7 @@ def _kernels(backend: Impl, fn: str, n: int) -> tuple[tuple[ModuleType, ...], St
         raise UnsupportedInput(
             f"{fn}: the kernels support 1 <= n <= {MAX_STREAMS} streams, got n={n}"
         )
+    assert backend.kernels is not None, backend  # callers pass single kernel backends
     return _MODULES[backend.kernels], Static(interpret=backend.interpret)
 
 
@@ -139,7 +140,8 @@ def _check_post_res(fn: str, batch: tuple, n: int, c: int, h_res, h_post, f) -> 
 def _streams(fn: str, x: jax.Array) -> tuple[tuple, int, int]:
     if x.ndim < 2:
         raise ValueError(f"{fn}: x must have shape (..., n, C), got {x.shape}")
-    return x.shape[:-2], *x.shape[-2:]
+    *lead, n, c = x.shape
+    return tuple(lead), n, c
 
 
 def _stream_dtype(fn: str, x: jax.Array) -> None:

@@ -62,10 +62,10 @@ class UnsupportedInput(ValueError):
 # two layers (post-res, then the next layer's mapping + pre).
 OPS = ("mapping", "pre", "post_res", "transition")
 
-# The kernel families of each platform, fastest first for each op (one H200, JAX
-# 0.11.2, n = 4, bf16; docs/benchmarks): Mosaic GPU's mapping and pre beat Triton's at
-# every measured shape, its post-res does not yet.
-_ORDER = {
+# The kernel families of each platform, fastest first for each op (docs/benchmarks.md):
+# Mosaic GPU's mapping and pre beat Triton's at every measured shape, its post-res does
+# not yet.
+_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "hopper": {
         "mapping": ("mosaic_gpu", "triton"),
         "pre": ("mosaic_gpu", "triton"),

@@ -18,20 +18,16 @@ tl.dot needs it (every dot dimension >= 16); C and T need not be multiples of
 the blocks: loads and stores are masked. The mapping projection's BT = 64 keeps
 phi's re-reads from L2 (kp * n*C * 2 parts * 2 bytes per token block) at about
 the size of the x traffic; each program covers ``span`` = 4096 of the n*C
-columns (n*C/4096 programs per token block). Inside a training step on an H100
-(T = 16384, C = 2048 / T = 8192, C = 4096) the projection, coefficient and pre
-kernels took 0.243 / 0.236 ms per layer, against 0.232 / 0.287 ms for the former
-single kernel per token block (whose pre loop re-read the block from L2).
+columns (n*C/4096 programs per token block), so that the grid keeps every SM busy
+at large C and few tokens, where one program per token block would not.
 The mapping dx kernel loops over the column blocks of a 1024-column span and,
 in each, over the n streams of its (BT, BC) tile, so dy, c_x and h_pre are read
-once per span and dli once per tile. On an H100, with the dphi matmul, (32, 128,
-3 stages, span 1024) took 0.460 / 0.463 ms at T = 16384, C = 2048 / T = 8192,
-C = 4096, the fastest of 15 candidates at both (BT 32-64, BC 64-128, 2-4 stages,
-spans 128-2048); one (32, 128) tile per program took 0.514-0.529 ms at the first.
-In a training step: 0.420 against 0.456 ms per layer at the first shape. For n > 4
+once per span and dli once per tile; (32, 128, 3 stages, span 1024) is among the
+fastest of ``kernels.py --mode sweep``'s candidates at both end-to-end shapes (the
+figures: docs/benchmarks.md, experiments/results/step_overhead_h100/NOTES.md). For n > 4
 (kp = 128: four times the phi^T rows per tile) BC halves and the pipeline
-keeps 2 stages, as 3 ask for 280 KB of shared memory on an H100; that size is
-untuned.
+keeps 2 stages, as 3 ask for 280 KB of shared memory, more than a Hopper SM has;
+that size is untuned.
 
 TPU (Mosaic): one token block holds whole rows (n*C values), so a kernel reads
 x once; BT is the largest multiple of 16 (at most ``TPU_MAX_ROWS``) whose

@@ -8,8 +8,8 @@ fp32 and travel transposed, (rows, T): a coefficient's BTE values are contiguous
 T needs only the 8-token alignment of ``_mosaic_io.aligned`` (TMA zero-fills the last
 block's loads past T and clips its stores).
 
-In XLA the same math costs a loop of GPU kernels per Sinkhorn run, ~0.5 ms forward
-and ~3 ms backward at any T (measured on an H200): the kernels make it one launch.
+In XLA the same math costs a loop of GPU kernels per Sinkhorn run, a fixed latency
+at any T (experiments/results/mosaic_gpu/NOTES.md): the kernels make it one launch.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _run(name: str, math, rows_out: tuple[int, ...], *args, interpret: bool):
         grid=(pl.cdiv(t, BTE),),
         grid_names=("t",),
         # every value has the one row layout: lane-level lowering skips layout
-        # inference, which took 28 of the 29 s of lowering the backward at n = 4
+        # inference, which would take most of the backward's lowering time
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=io.interpret_params(interpret),
     )(*args)

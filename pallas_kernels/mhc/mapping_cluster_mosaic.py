@@ -1,5 +1,6 @@
 """The mHC mapping (+ pre) forward as one Pallas Mosaic GPU kernel (Hopper): a cluster of
-CTAs per token block splits C (SPEC §7.1, §7.2; "tiling A" in NOTES.md).
+CTAs per token block splits C (SPEC §7.1, §7.2; "tiling A" in
+experiments/results/mosaic_gpu/NOTES.md).
 
 A cluster of S CTAs (S <= 8, ``cluster_size``) takes a block of 64 tokens; CTA s owns
 columns [s*cs, (s+1)*cs) of every stream (cs = C / S). In turn, each CTA:
@@ -23,12 +24,12 @@ kernel, then ``pre_mosaic``) reads x twice. The exchange goes through global mem
 (a few KiB per block, L2-resident) rather than distributed shared memory, which the
 interpreter cannot run. The TMA store is complete before the arrive and the peers'
 TMA loads come after their wait; no async-proxy fence stands between the barrier and
-those copies, which the PTX memory model leaves borderline (correct in every native
-test so far, NOTES.md run 21).
+those copies, which the PTX memory model leaves borderline (the native tests pass:
+experiments/results/mosaic_gpu/NOTES.md).
 
 Not the default (``mapping_mosaic.FORWARD``): each CTA's exchange and epilogue stall
-its streaming, which costs more than the second read of x saves (NOTES.md, runs 21
-and 23).
+its streaming, which costs more than the second read of x saves (the measurements:
+experiments/results/mosaic_gpu/NOTES.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""mHC mapping kernels (SPEC §7.1), Pallas Mosaic GPU backend (Hopper), version 0.
+"""mHC mapping kernels (SPEC §7.1), Pallas Mosaic GPU backend (Hopper).
 
 Forward: a projection kernel, gridded over (64-token block, column span), pipelines
 its span in 64-column chunks (``emit_pipeline``, STAGES chunks in flight): TMA brings

@@ -37,7 +37,8 @@ def _info(info_ref, n):
 
 
 def _fwd_kernel(x_ref, *refs, n, c, nparts, num_iters, norm_eps, variant, with_pre):
-    parts, info_ref, coef_ref, saved_ref = refs[:nparts], *refs[nparts : nparts + 3]
+    parts = refs[:nparts]
+    info_ref, coef_ref, saved_ref = refs[nparts : nparts + 3]
     bt, kp = coef_ref.shape
     info = _info(info_ref, n)
     acc, sumsq = jnp.zeros((bt, kp), F32), jnp.zeros((bt, 1), F32)

@@ -144,10 +144,10 @@ def fwd(x2, parts, info, *, n, c, static, with_pre):
     Three kernels: the projection, gridded over (token block, column span),
     leaves per-span partials of ``x @ phi`` and ``sum(x^2)``; the coefficient
     kernel sums them and runs the epilogue (Sinkhorn); then the pre kernel reads
-    x again for ``layer_input``. Inside a training step on an H100 they take
-    about what one kernel per token block (reading x once, then re-reading the
-    block from L2 for the pre) took at C = 2048, and 18% less at C = 4096, where
-    that kernel had one program per SM (see blocks.py).
+    x again for ``layer_input``. One kernel per token block (reading x once, then
+    re-reading the block from L2 for the pre) would leave one program per SM at
+    large C, which costs more than the second read of x (see blocks.py;
+    docs/benchmarks.md has the times).
     """
     partials = proj(x2, parts, n=n, static=static)
     coef, saved = coef_fwd(partials, info, n=n, c=c, static=static)
@@ -237,7 +237,8 @@ def x_bwd(x2, dy, parts, h_pre, dli, dx_in, *, n, c, static):
     dx_in once; dphi^T = dy^T x is one XLA matmul (cuBLAS) over all tokens, with
     dy's 16-bit hi and lo parts stacked so that x is read once. (A single kernel
     doing both, gridded over columns with dphi accumulated in registers over a
-    token range, was latency-bound at 30-40% of copy bandwidth on an H100.)
+    token range, is latency-bound, far below copy bandwidth:
+    experiments/results/step_overhead_h100/NOTES.md.)
     """
     t, kp = dy.shape
     blk = blocks.triton_mapping_dx(t, c, kp)

@@ -43,8 +43,9 @@ CANDIDATES = (
 # Tokens per (64, chunk) tile. 64: one TMA box per tile, 128-byte rows
 # 2nC bytes apart. Fewer: the tile holds 64 / TILE_TOKENS boxes of (TILE_TOKENS, chunk),
 # one token group's consecutive column chunks, row b * TILE_TOKENS + r holding token
-# r's chunk b, so each step reads 64 / TILE_TOKENS chunks of every token row in a row
-# (NOTES.md, run 18: the access shape may be what keeps the forward under Triton's).
+# r's chunk b, so each step reads 64 / TILE_TOKENS chunks of every token row in a row.
+# 64 by default: longer rows per token speed up TMA alone but not these kernels, whose
+# time goes to the register work and stores (experiments/results/mosaic_gpu/NOTES.md).
 TILE_TOKENS = 64
 # Operand tiles whose step holds at most this many bytes per token row (n * chunk *
 # itemsize) are loaded from shared memory once per step and widened to fp32 per use;

@@ -63,9 +63,9 @@ def fwd(h, x, static):
     )(io.coeffs_in(h), x)
     # XLA's dynamic-slice fusion would otherwise clone this kernel: in a scanned model
     # layer_input feeds the sub-layer and is saved into the scan's stacked residuals,
-    # and XLA (0.11.2, GPU) fused a second copy of the kernel with that stacking
-    # update, running it twice per layer (measured on an H200). The barrier keeps one
-    # call; the stacking becomes a plain copy of one (T, C) slab.
+    # and XLA (as of JAX 0.11.2, GPU) fuses a second copy of the kernel with that
+    # stacking update, running it twice per layer. The barrier keeps one call; the
+    # stacking becomes a plain copy of one (T, C) slab.
     return lax.optimization_barrier(out)
 
 

@@ -33,11 +33,11 @@ from jax import lax
 # iterations run in segments of k with n^(4k) * 2^-126 <= 2^-40, and between
 # segments the iterate is rebuilt as exp(lg) from its logarithm lg, carried along
 # by the logs of the segment's row and column factors. A lost entry thus stays
-# below 2^-40 while lost: the result is the SPEC loop's to fp32 rounding (measured
-# within 1e-6 of float64 up to logit std 30 and at ±1e4; logits mixing ±1e4 with
-# O(1) ones are only resolved to their own fp32 spacing, 1e-3 there). Cost beyond
-# the plain loop: n x n exps for iteration 0 and one n x n exp and 2n logs per
-# rebuild, against 2 n x n exps per normalisation for a loop all in the log domain.
+# below 2^-40 while lost: the result is the SPEC loop's to fp32 rounding (errors
+# against float64 by logit scale: experiments/results/sinkhorn_accuracy/NOTES.md;
+# logits mixing huge and O(1) values are only resolved to their own fp32 spacing).
+# Cost beyond the plain loop: n x n exps for iteration 0 and one n x n exp and 2n logs
+# per rebuild, against 2 n x n exps per normalisation for a loop all in the log domain.
 _FLUSH_TO_LOST = 86 * math.log(2.0)  # log(2^-40 / 2^-126)
 
 

@@ -1,6 +1,6 @@
 """The transition's backward, Pallas Mosaic GPU backend (Hopper): layer l+1's dx pass
-fused into layer l's post-res backward (SPEC §7.3; NOTES.md, "The transition's
-backward fused").
+fused into layer l's post-res backward (SPEC §7.3; experiments/results/mosaic_gpu/NOTES.md,
+"The transition's backward fused").
 
 Layer l+1's mapping backward would write the cotangent of x_next,
 ``dxn = dy @ phi^T + c_x x_next + h_pre' dli + g`` (g: x_next's own cotangent,
@@ -206,6 +206,8 @@ def fused(h_res, h_post, x, f, xp: XPass, static):
     padded = [jnp.pad(d, ((0, 0), (0, kd - kp))) for d in dys]
     phi_hi = jnp.pad(xp.parts[0], ((0, kd - kp), (0, 0)))
     streams = (t, n, c)
+    # tied with the pre: the x pass carries dli and dx_in
+    assert xp.dli is not None and xp.dx_in is not None and xp.h_pre is not None
     dh_res, dh_post, dx, df = post_res_bwd(
         h_res.astype(F32),
         h_post.astype(F32),
