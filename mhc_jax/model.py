@@ -68,7 +68,7 @@ def make_connection(config: ModelConfig, layer_index: int, name: str) -> nn.Modu
 def defers_post_res(config: ModelConfig) -> bool:
     """Whether the mHC layers hand each other a ``Pending`` (``mhc_fuse_transitions``:
     the kernels' fused transition between layers; see
-    ``connection_modules.defers_post_res``). Unscanned models only: under ``nn.scan`` a
+    ``connections.modules.defers_post_res``). Unscanned models only: under ``nn.scan`` a
     Pending carry fails Flax's check that no broadcast value depends on the scan body,
     so scanned stacks run post-res in each layer."""
     return (

@@ -52,9 +52,23 @@ from pathlib import Path
 
 from mhc_jax import paths
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (sweeps need one)
-SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
 TRAIN_SCRIPT = "experiments/train.py"
+
+
+def repo_root() -> Path:
+    """The checkout sweeps run in (they need its experiments/): the one this package was
+    installed from in editable mode, else the working directory.
+
+    Raises:
+      FileNotFoundError: neither holds experiments/train.py.
+    """
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / TRAIN_SCRIPT).is_file():
+            return root
+    raise FileNotFoundError(
+        f"sweeps run in a checkout of the repository: neither {Path(__file__).parent.parent} "
+        f"nor the working directory {Path.cwd()} holds {TRAIN_SCRIPT}; cd into a clone"
+    )
 SWEEP_KEYS = ("config", "config_arg", "overrides", "axes", "where")
 
 
@@ -82,12 +96,13 @@ class Sweep:
 
 def resolve_sweep_path(spec: str) -> str:
     """A sweep name (``tiny_connections``) or path -> the sweep file's path."""
-    path = spec if spec.endswith(".py") else str(SWEEPS_DIR / f"{spec}.py")
+    sweeps_dir = repo_root() / "experiments" / "sweeps"
+    path = spec if spec.endswith(".py") else str(sweeps_dir / f"{spec}.py")
     if not Path(path).is_file():
-        known = sorted(f.stem for f in SWEEPS_DIR.glob("*.py"))
+        known = sorted(f.stem for f in sweeps_dir.glob("*.py"))
         raise FileNotFoundError(
             f"sweep file {path!r} (from --sweep={spec!r}) not found; "
-            f"sweeps in {SWEEPS_DIR}: {known}"
+            f"sweeps in {sweeps_dir}: {known}"
         )
     return path
 
@@ -176,7 +191,8 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
             f"sweep {name}: unknown keys {unknown} / missing keys {missing}; "
             f"a sweep dict has {list(SWEEP_KEYS)}"
         )
-    config_path = REPO_ROOT / definition["config"]  # an absolute path stays as it is
+    root = repo_root()
+    config_path = root / definition["config"]  # an absolute path stays as it is
     if not config_path.is_file():
         raise FileNotFoundError(f"sweep {name}: config file {definition['config']!r} not found")
     paths = _field_paths(default_config())
@@ -218,8 +234,8 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
         runs.append(Run(len(runs), run_name, values, overrides, int(cfg.training.num_steps)))
     if not runs:
         raise ValueError(f"sweep {name}: 'where' excludes every run")
-    in_repo = config_path.resolve().is_relative_to(REPO_ROOT)
-    config_rel = str(config_path.resolve().relative_to(REPO_ROOT) if in_repo else config_path)
+    in_repo = config_path.resolve().is_relative_to(root)
+    config_rel = str(config_path.resolve().relative_to(root) if in_repo else config_path)
     return Sweep(name, config_rel, definition.get("config_arg", ""), axis_fields, runs)
 
 
@@ -296,7 +312,7 @@ def run_sweep(sweep: Sweep, workdir: str, selected: list[Run]) -> list[str]:
             continue
         cmd = train_command(sweep, run, workdir, python=sys.executable)
         print(f"{header}: {status}\n  {shlex.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
+        proc = subprocess.Popen(cmd, cwd=repo_root(), env=env)
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:

@@ -27,6 +27,7 @@
 # and install it; the cell changes nothing elsewhere, where mhc_jax comes from a checkout
 # installed as the README says (`pip install -c constraints.txt -e .`).
 # ruff: noqa: E402
+import importlib
 import os
 import subprocess
 import sys
@@ -39,6 +40,8 @@ if IN_COLAB:
         subprocess.check_call(["git", "clone", "-q", "--depth=1", REPO_URL, REPO])
     # A regular (not editable) install: importable in this runtime without a restart.
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", REPO])
+    importlib.invalidate_caches()
+    os.chdir(REPO)  # sweeps run in the clone
 try:
     import mhc_jax
 except ModuleNotFoundError as e:

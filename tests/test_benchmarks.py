@@ -40,26 +40,26 @@ INTERPRETER_ONLY = pytest.mark.skipif(
 @pytest.mark.parametrize("shape", [(64, 64), (8, 256)])
 def test_access_shape_copy_moves_the_streams_without_races(shape):
     """Tiles stored straight from their input slots; T = 83 ends in a partial block."""
-    from test_mosaic_kernels import _races_recorded
+    from kernel_test_base import races_recorded
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((83, 3, 512)), jnp.bfloat16)
     f = jnp.ones((83, 512), jnp.bfloat16)
     stages = access_shape.fitting_stages(3, shape, 3)
     out = jax.jit(lambda x, f: access_shape.stream_copy(x, f, shape, stages, True))(x, f)
     assert bool(jnp.array_equal(out, x))
-    assert not _races_recorded()
+    assert not races_recorded()
 
 
 @INTERPRETER_ONLY
 def test_access_shape_sliced_copy_refills_its_ring_without_races():
     """3 steps of 512 columns through a ring of 2 slots; T = 83 ends in a partial block."""
-    from test_mosaic_kernels import _races_recorded
+    from kernel_test_base import races_recorded
 
     x = jnp.asarray(np.random.default_rng(1).standard_normal((83, 2, 1536)), jnp.bfloat16)
     f = jnp.ones((83, 1536), jnp.bfloat16)
     out = jax.jit(lambda x, f: access_shape.sliced_copy(x, f, 2, True))(x, f)
     assert bool(jnp.array_equal(out, x))
-    assert not _races_recorded()
+    assert not races_recorded()
     with pytest.raises(ValueError, match=r"C=640 must be a multiple of 512"):
         access_shape.sliced_copy(x[..., :640], f[:, :640], 2, True)
 
@@ -140,7 +140,7 @@ def test_scaling_runs_meshes_and_losses_agree(tmp_path):
         "--variants=mhc:xla:none",
         "--copy_mib=8",
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
     with open(tmp_path / "mesh_1x2x1.json") as f:
         two = json.load(f)

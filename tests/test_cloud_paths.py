@@ -34,17 +34,9 @@ import pytest
 import test_interop
 from etils import epath
 from etils.epath import backend as epath_backend
-from test_sweep_report import report, sweep
-from test_train import (
-    ROOT,
-    final_params,
-    micro_config,
-    read_jsonl,
-    train_losses,
-    write_config,
-)
+from run_helpers import final_params, read_jsonl, train_losses, write_config
 
-from mhc_jax import loop, paths, prepare
+from mhc_jax import loop, paths, prepare, report, sweeps
 from mhc_jax.checkpointing import saved_steps
 from mhc_jax.interop import deepseek_v4
 from mhc_jax.model import ModelConfig, init_params
@@ -83,6 +75,8 @@ for _, handlers in server.HANDLERS:
 port, bucket = int(sys.argv[1]), sys.argv[2]
 server.create_server("localhost", port, in_memory=True, default_bucket=bucket).run()
 """
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -152,7 +146,7 @@ def _text(num_paragraphs: int, seed: int) -> str:
     return "\n\n".join(" ".join(rng.choice(words, 12)) for _ in range(num_paragraphs))
 
 
-def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
+def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path, micro_config):
     bucket = paths.path(gcs)
     (bucket / "text" / "a.txt").write_text(_text(300, 0))
     (bucket / "text" / "more" / "b.txt").write_text(_text(200, 1))
@@ -178,9 +172,13 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     resumed = f"{gcs}/sweep/resumed"
     with open(tmp_path / "child.log", "w") as log:
         child = subprocess.Popen(
-            [sys.executable, f"{ROOT}/experiments/train.py", f"--config={tmp_path}/cfg.py"]
+            [
+                sys.executable,
+                os.path.join(ROOT, "experiments", "train.py"),
+                f"--config={tmp_path}/cfg.py",
+            ]
             + [f"--workdir={resumed}"],
-            env=dict(os.environ, PYTHONPATH=ROOT, JAX_NUM_CPU_DEVICES="8"),  # as conftest.py
+            env=dict(os.environ, JAX_NUM_CPU_DEVICES="8"),  # as conftest.py
             stdout=log,
             stderr=log,
         )
@@ -217,7 +215,7 @@ def test_train_kill_resume_and_report_on_cloud_storage(gcs, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
 
     for name in ("straight", "resumed"):
-        assert sweep.run_status(sweep.Run(0, name, {}, {}, 12), f"{gcs}/sweep") == "finished"
+        assert sweeps.run_status(sweeps.Run(0, name, {}, {}, 12), f"{gcs}/sweep") == "finished"
     written = report.write_report(f"{gcs}/sweep", f"{gcs}/report")
     rows = {r["run"]: r for r in csv.DictReader(paths.path(written["results.csv"]).open())}
     assert sorted(rows) == ["resumed", "straight"]

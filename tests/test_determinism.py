@@ -2,14 +2,14 @@
 
 Run natively on a GPU, where XLA's default scatter-add (the embedding gradient)
 accumulates with atomics in no fixed order. CPU runs are
-deterministic without the switch (``test_train``'s kill-and-resume test compares
+deterministic without the switch (``test_loop``'s kill-and-resume test compares
 runs bitwise).
 """
 
 import jax
 import numpy as np
 import pytest
-from test_train import final_params, train_losses
+from run_helpers import final_params, train_losses
 
 from mhc_jax import config as config_lib
 from mhc_jax import loop, preflight

@@ -97,7 +97,7 @@ def test_preflight_checks_the_mesh_against_the_devices(cpu_devices):
 
 
 def _dry_run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "experiments/train.py", "--config=experiments/configs/tiny.py"]
     return subprocess.run(
         [*cmd, *args, "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300

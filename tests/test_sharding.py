@@ -270,3 +270,13 @@ def test_scan_needs_whole_round_robin_periods():
         ModelConfig(connection="mhc", n=4, num_blocks=3, scan_layers=True)
     with pytest.raises(ValueError, match=r"ModelConfig.remat='some' is invalid"):
         ModelConfig(remat="some")
+
+
+def test_multiprocess_launch_detection():
+    from mhc_jax.sharding import launched_multiprocess as detect
+
+    assert not detect({})
+    assert not detect({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+    assert detect({"SLURM_NTASKS": "4"})
+    assert detect({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"})
+    assert detect({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})

@@ -30,7 +30,7 @@ def test_module_imports(name):
 
 
 def test_main_job_trains_three_steps(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [
             sys.executable,

@@ -1,4 +1,4 @@
-r"""A ~125M-parameter mHC LM on FineWeb-style parquet shards with a SentencePiece tokenizer
+r"""A ~112M-parameter mHC LM on FineWeb-style parquet shards with a SentencePiece tokenizer
 (one GPU; 12 blocks, C = 768, n = 4, 32k pieces).
 
 1. Download some parquet shards of a public corpus (FineWeb's ``sample/10BT`` shards

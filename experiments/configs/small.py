@@ -1,4 +1,4 @@
-r"""~125M-parameter byte-level LM for one GPU (12 blocks, C = 768).
+r"""115M-parameter byte-level LM for one GPU (12 blocks, C = 768, mHC n = 4).
 
 Train on a prepared corpus (experiments/prepare_data.py), e.g.:
 

@@ -8,7 +8,7 @@ A qualitative reproduction of the mHC paper's stability figures (SPEC §9: HC's
 loss surge and gradient-norm spikes, composite Amax gain near 3000 for HC and
 <= ~1.6 for mHC; Fig. 3, 7, 8). 32 blocks (L = 64 connection layers), C = 512,
 seq 512, batch 32 (16k tokens a step), 6000 steps (98M tokens), bf16
-activations: ~110M parameters, one GPU. Measured on an H100 (RESULTS.md): 98k
+activations: ~110M parameters, one GPU. Measured on an H100 (docs/results.md): 98k
 tokens/s for residual, 77k for mHC and 64k for HC (remat=full), so about 17, 21
 and 26 minutes a run at full length.
 

@@ -121,8 +121,8 @@ def _hc_dynamic(x: jax.Array, dynamic: HCDynamicParams, norm_eps: float):
 
 
 def residual_init_bias(n: int, layer_index: int, variant: str = "paper") -> jax.Array:
-    """mHC bias of ``init="residual"`` (SPEC §4) for layer ``layer_index``: (K,) fp32,
-    K = ``variants.width(n, variant)``.
+    """mHC bias of the residual init (``model.mhc_init="residual"``, SPEC §4) for layer
+    ``layer_index``: (K,) fp32, K = ``variants.width(n, variant)``.
 
     h_pre reads stream ``layer_index mod n`` with weight 1-(n-1)eps and the others
     with eps; h_post = 1; h_res has RES_DIAGONAL on its diagonal. At n = 1 the
