@@ -1,6 +1,6 @@
 """Smoke tests: what CI also runs against the newest JAX release (``pytest -m smoke``).
 
-Every module imports, every kernel lowers for its platform (``test_kernels.py``'s
+Every module imports, every kernel lowers for its platform (the kernel test files'
 lowering tests carry the mark too), and the main job's command trains 3 steps. A
 removal or an API change in a new JAX shows here as soon as its pin moves.
 """

@@ -11,9 +11,13 @@ mkdir -p "$out"
 tools/gpu_install.sh "$out/pip.log" || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 filter=()
+# the Mosaic GPU kernels' tests: their shared pieces, and each op family's Mosaic GPU class
+MOSAIC_TESTS="tests/test_mosaic_kernels.py tests/test_mapping_kernels.py::TestMappingMosaicGpu
+  tests/test_pre_kernels.py::TestPreMosaicGpu tests/test_post_res_kernels.py::TestPostResMosaicGpu
+  tests/test_transition.py::TestTransitionMosaicGpu"
 [[ -n ${TEST_FILTER:-} ]] && filter=(-k "$TEST_FILTER")
 timeout "${2:-200}" python3 -m pytest -v -p no:cacheprovider -rfEs --tb=short \
-  --durations=10 "${filter[@]}" ${TESTS:-tests/test_mosaic_kernels.py} > "$out/tests.log" 2>&1
+  --durations=10 "${filter[@]}" ${TESTS:-$MOSAIC_TESTS} > "$out/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$out/tests.log"
 # ptxas -v for every Mosaic kernel compiled by the benchmark: registers and spills.
 MOSAIC_GPU_DUMP_PTXAS=1 timeout "${3:-300}" python3 experiments/benchmarks/kernels.py \
