@@ -69,6 +69,8 @@ def repo_root() -> Path:
         f"sweeps run in a checkout of the repository: neither {Path(__file__).parent.parent} "
         f"nor the working directory {Path.cwd()} holds {TRAIN_SCRIPT}; cd into a clone"
     )
+
+
 SWEEP_KEYS = ("config", "config_arg", "overrides", "axes", "where")
 
 
