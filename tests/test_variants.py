@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from deepseek_v4_reference import v4_layer
+from kernel_test_base import MosaicGpu, Tpu, Triton
 
 from mhc_jax import connections
 from mhc_jax.connections import modules as connection_modules
@@ -203,10 +204,11 @@ def test_kernels_refuse_lite_and_auto_falls_back(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("n", [3, 4])  # n = 3: padded lanes in every layout
-@pytest.mark.parametrize("backend", ["triton", "tpu", "mosaic_gpu"])
+@pytest.mark.parametrize("backend", [Triton(), Tpu(), MosaicGpu()], ids=lambda b: b.backend)
 def test_kernels_take_deepseek_v4(backend, n):
-    """Every kernel backend (in the interpreter) computes V4's coefficients and their
-    gradients as the XLA path does: its epilogues' V4 Sinkhorn and VJP. Coefficients
+    """Every kernel backend (compiled on its own platform, else in the interpreter)
+    computes V4's coefficients and their gradients as the XLA path does: its epilogues'
+    V4 Sinkhorn and VJP. Coefficients
     and the weights' gradients agree to ~1e-5 (the paper's Sinkhorn instead, in the
     forward or the backward alone, is off by >= 6e-3); the bf16 layer input and dx to
     bf16 rounding."""
@@ -222,7 +224,7 @@ def test_kernels_take_deepseek_v4(backend, n):
         cots = [jnp.asarray(np.random.default_rng(3).normal(size=o.shape), o.dtype) for o in out]
         return out, vjp(tuple(cots))
 
-    (out, grads), (want, want_grads) = run(f"{backend}_interpret"), run("xla")
+    (out, grads), (want, want_grads) = run(backend.impl), run("xla")
     for name, g, w, tol in zip(("li", "h_pre", "h_post", "h_res"), out, want, (1e-2, *[1e-4] * 3)):
         assert _rel(g, w) <= tol, name
     tols = (1e-2, 1e-4, 1e-4, 1e-4)

@@ -3,6 +3,7 @@
     python experiments/benchmarks/kernels.py [--mode api|kernels|sweep] [--tokens 8192 32768]
         [--hidden 1280 2560 4096] [--streams 4] [--reps 25]
         [--impls xla triton mosaic_gpu auto] [--ops mapping connection ...]
+        [--variant paper|deepseek_v4]
 
 For each (T, C) with bf16 streams and n streams it times, for each api impl (on a
 GPU "xla", "triton", "mosaic_gpu" and "auto", which takes per op the first backend
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 
 from mhc_jax.benchmarking import ceiling, connection_operands, measure, timeit
 from pallas_kernels.mhc import api, backends, blocks, mapping_mosaic, post_res_mosaic
-from pallas_kernels.mhc.context import Context, MappingWeights
+from pallas_kernels.mhc.context import Context, MappingConfig, MappingWeights
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -67,18 +68,19 @@ def _vjp_all(fn):
     return run
 
 
-def cases(impl: str, d: dict, t: int, n: int, c: int):
-    """name -> (fn, args, compulsory bytes). E = bf16 bytes of one (T, C) slab."""
+def cases(impl: str, d: dict, t: int, n: int, c: int, variant: str = "paper"):
+    """name -> (fn, args, compulsory bytes). E = bf16 bytes of one (T, C) slab; ``variant``
+    is the mapping's coefficient math (``pallas_kernels.mhc.variants``)."""
     e, coef = t * c * 2, t * 4
     phi_b = d["phi"].size * 4
     k = n * n + 2 * n
     maps = (d["x"], d["phi"], d["bias"], d["alpha"])
 
     def mapping(*a):
-        return api.mhc_mappings(*a, impl=impl)
+        return api.mhc_mappings(*a, variant=variant, impl=impl)
 
     def mapping_pre(*a):
-        return api.mhc_mappings_and_pre(*a, impl=impl)
+        return api.mhc_mappings_and_pre(*a, variant=variant, impl=impl)
 
     def pre(h, x):
         return api.apply_pre(h, x, impl=impl)
@@ -97,12 +99,15 @@ def cases(impl: str, d: dict, t: int, n: int, c: int):
     # as the two ops in turn; outputs layer_input and x_next (tied, as the model uses it)
     def transition(hr, hp, x, f, phi, bias, alpha):
         ctx = Context(d["h_pre"], hp, hr, x)
-        li, nxt = api.transition(ctx, f, MappingWeights(phi, bias, alpha), impl=impl)
+        config = MappingConfig(variant=variant)
+        li, nxt = api.transition(ctx, f, MappingWeights(phi, bias, alpha), config, impl=impl)
         return li, nxt.streams
 
     def post_res_then_pre(hr, hp, x, f, phi, bias, alpha):
         x_next = post_res(hr, hp, x, f)
-        outs = api.mhc_mappings_and_pre(x_next, phi, bias, alpha, tied_streams=True, impl=impl)
+        outs = api.mhc_mappings_and_pre(
+            x_next, phi, bias, alpha, tied_streams=True, variant=variant, impl=impl
+        )
         return outs[0], outs[-1]
 
     both = (*post_args, d["phi"], d["bias"], d["alpha"])
@@ -176,7 +181,9 @@ def bench(args) -> None:
             _row(t, c, "residual add fwd+bwd", "xla", sec, nbytes, copy_bw, "")
             times = {}
             for impl in impls:
-                for name, (fn, a, nbytes) in cases(impl, d, t, args.streams, c).items():
+                for name, (fn, a, nbytes) in cases(
+                    impl, d, t, args.streams, c, args.variant
+                ).items():
                     if args.ops and not any(name.startswith(o) for o in args.ops):
                         continue
                     try:
@@ -398,6 +405,12 @@ def main() -> None:
         choices=mapping_mosaic.FORWARDS,
         default=mapping_mosaic.FORWARD,
         help="The Mosaic GPU mapping forward's kernels (mapping_mosaic.FORWARD).",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=("paper", "deepseek_v4"),
+        default="paper",
+        help="api mode: the mapping's coefficient math (pallas_kernels.mhc.variants).",
     )
     parser.add_argument("--mode", choices=("api", "kernels", "sweep", "tuned"), default="api")
     parser.add_argument(
