@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+from types import ModuleType
 
 import ml_collections
 
@@ -104,15 +105,21 @@ def apply_model_overrides(cfg: ml_collections.ConfigDict, arg: str | None) -> No
         cfg.model[key] = value
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """A config file's ``get_config(arg)``, as ``--config=path:arg`` gives it to train.py."""
+def load_python_file(path: str, name: str) -> ModuleType:
+    """The module a Python file (a config or sweep file) defines, run under ``name``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    name = "mhc_config_" + os.path.splitext(os.path.basename(path))[0]
+        raise FileNotFoundError(f"file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path  # a .py file that exists
+    assert spec is not None and spec.loader is not None, path  # a file that exists
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A config file's ``get_config(arg)``, as ``--config=path:arg`` gives it to train.py."""
+    name = "mhc_config_" + os.path.splitext(os.path.basename(path))[0]
+    module = load_python_file(path, name)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} defines no get_config()")
     return module.get_config(arg)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
@@ -50,6 +49,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mhc_jax import config as config_lib
 from mhc_jax import paths
 
 TRAIN_SCRIPT = "experiments/train.py"
@@ -109,14 +109,6 @@ def resolve_sweep_path(spec: str) -> str:
     return path
 
 
-def _load_module(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path  # a .py file that exists
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _field_paths(cfg) -> list[str]:
     return [f"{section}.{key}" for section in cfg for key in cfg[section]]
 
@@ -161,8 +153,6 @@ def build_config(config_module, config_arg: str, overrides: dict):
       ValueError naming the field for an unknown field, a value of the wrong type or
       an invalid model/optimizer/training setting.
     """
-    from mhc_jax import config as config_lib
-
     cfg = config_module.get_config(config_arg or None)
     for path, value in overrides.items():
         try:
@@ -184,8 +174,6 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
       extra_overrides: config path -> value applied to every run (``--override``);
         must not name a swept field.
     """
-    from mhc_jax.config import default_config
-
     unknown = sorted(set(definition) - set(SWEEP_KEYS))
     missing = [k for k in ("config", "axes") if k not in definition]
     if unknown or missing:
@@ -197,7 +185,7 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
     config_path = root / definition["config"]  # an absolute path stays as it is
     if not config_path.is_file():
         raise FileNotFoundError(f"sweep {name}: config file {definition['config']!r} not found")
-    paths = _field_paths(default_config())
+    paths = _field_paths(config_lib.default_config())
     fixed = {**definition.get("overrides", {}), **(extra_overrides or {})}
     for path in fixed:
         if path not in paths:
@@ -214,7 +202,7 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
         if clash:
             raise ValueError(f"sweep {name}: override {clash} is swept by axis {axis!r}")
     where = definition.get("where", lambda values: True)
-    module = _load_module(config_path, "sweep_base_config")
+    module = config_lib.load_python_file(str(config_path), "sweep_base_config")
     runs: list[Run] = []
     names: dict[str, dict] = {}
     for values in _expand_values(axes):
@@ -244,7 +232,7 @@ def expand(definition: dict, name: str, extra_overrides: dict | None = None) -> 
 def load_sweep(spec: str, extra_overrides: dict | None = None) -> Sweep:
     """Loads and expands a sweep file given by name or path."""
     path = resolve_sweep_path(spec)
-    module = _load_module(path, "sweep_definition")
+    module = config_lib.load_python_file(path, "sweep_definition")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"sweep file {path} defines no get_sweep()")
     return expand(module.get_sweep(), Path(path).stem, extra_overrides)

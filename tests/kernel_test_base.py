@@ -326,15 +326,6 @@ class ApplyChecks(KernelChecks):
     reference_op: Callable
     names: list[str]
 
-    def kernel(self, static: Static) -> Callable:
-        raise NotImplementedError
-
-    def inputs(self, n, c, dtype) -> tuple[tuple, tuple]:
-        raise NotImplementedError
-
-    def lowering_inputs(self, n, dtype) -> tuple:
-        raise NotImplementedError
-
     def check_lowered(self, fwd_text, grad_text):
         """Whatever else a backend's lowered texts must show."""
 

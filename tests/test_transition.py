@@ -14,7 +14,6 @@ from kernel_test_base import (
     BF16,
     F32,
     MAPPING_TOL,
-    PLATFORM,
     SMOKE,
     KernelBackend,
     MosaicGpu,
@@ -68,8 +67,7 @@ class TransitionChecks(KernelBackend):
         """``api.transition`` on (B, T, n, C) streams equals ``api.post_res`` then
         ``api.pre``, every backend (fused on Mosaic GPU, the two ops in turn elsewhere):
         compiled on its own platform, interpreted on a CPU host."""
-        if PLATFORM not in ("cpu", self.home):
-            pytest.skip(f"{self.backend} runs compiled on {self.home}, interpreted on a CPU host")
+        self.skip_unless_runnable()
         impl = self.impl
         h_res, h_post, x, f, phi, bias, alpha = _transition_inputs(
             rng_for("api", "transition"), 4, 128
