@@ -5,6 +5,8 @@ each platform's chain, explicit names that cannot run, and ``auto`` falling back
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import types
 
 import jax
@@ -77,6 +79,49 @@ def test_describe_names_what_runs(on):
     )
     on("tpu")
     assert backends.describe("pallas") == "pallas (tpu)"
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """``without(family)`` makes the library see a JAX lacking that family's Pallas
+    module, as a JAX that has removed the deprecated Pallas Triton would."""
+
+    def remove(kernels):
+        monkeypatch.setitem(sys.modules, backends._PALLAS_MODULES[kernels], None)
+        backends.missing.cache_clear()
+
+    yield remove
+    backends.missing.cache_clear()
+    backends._note_once.cache_clear()
+
+
+def test_a_jax_without_a_pallas_backend_leaves_its_family_out(on, without, caplog):
+    on("hopper")
+    without("triton")
+    with caplog.at_level(logging.WARNING):
+        assert backends.chain("auto", "post_res") == (Impl.MOSAIC_GPU, Impl.XLA)
+        assert backends.chain("pallas", "mapping") == (Impl.MOSAIC_GPU,)
+    notes = {r.getMessage() for r in caplog.records}
+    assert any("triton is left out of 'auto' and 'pallas'" in m for m in notes), notes
+    assert "jax.experimental.pallas.triton" in backends.missing("triton")
+    assert backends.missing("mosaic_gpu") is None
+    for impl in ("triton", "triton_interpret", "pallas_interpret"):
+        with pytest.raises(ValueError, match=rf"impl='{impl}' is unavailable: JAX"):
+            backends.chain(impl, "pre")
+    on("gpu")  # Triton is a non-Hopper GPU's only family
+    assert backends.chain("auto", "pre") == (Impl.XLA,)
+    with pytest.raises(ValueError, match=r"impl='pallas' is unavailable for 'pre': JAX .*triton"):
+        backends.chain("pallas", "pre")
+
+
+def test_the_kernel_families_load_on_first_use():
+    code = (
+        "import sys; from pallas_kernels.mhc import api; "
+        "print(sorted(m for m in sys.modules if m.startswith('pallas_kernels.mhc.') and "
+        "m.rsplit('_', 1)[-1] in ('triton', 'mosaic', 'tpu')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_hopper_check_reads_the_compute_capability(monkeypatch):
@@ -153,7 +198,8 @@ def _refusing_backward_pre():
 
 
 def test_a_refusal_in_the_backward_is_found_before_the_forward_commits(monkeypatch, caplog):
-    monkeypatch.setitem(api._MODULES, "triton", (None, _refusing_backward_pre(), None))
+    refusing = (None, _refusing_backward_pre(), None)
+    monkeypatch.setattr(api, "_family", lambda kernels: refusing)
     _with_chain(monkeypatch, "triton", "xla")
     h, x = _pre_inputs(64)
     with caplog.at_level(logging.WARNING):

@@ -22,6 +22,8 @@ the kernels carry a ``jax.custom_vjp`` whose backward is kernels too.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -29,20 +31,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mhc import (
-    mapping_mosaic,
-    mapping_tpu,
-    mapping_triton,
-    post_res_mosaic,
-    post_res_tpu,
-    post_res_triton,
-    pre_mosaic,
-    pre_tpu,
-    pre_triton,
-    reference,
-    transition_mosaic,
-    variants,
-)
+from pallas_kernels.mhc import reference, variants
 from pallas_kernels.mhc._common import Static
 from pallas_kernels.mhc.backends import (
     IMPLS,
@@ -67,10 +56,12 @@ __all__ = [
 
 STREAM_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 DEFAULT_CONFIG = MappingConfig()
-_MODULES = {  # (mapping, pre, post-res) kernel modules of each family
-    "triton": (mapping_triton, pre_triton, post_res_triton),
-    "tpu": (mapping_tpu, pre_tpu, post_res_tpu),
-    "mosaic_gpu": (mapping_mosaic, pre_mosaic, post_res_mosaic),
+# (mapping, pre, post-res) kernel modules of each family, imported on first use so that
+# a JAX lacking one family's Pallas module (``backends.missing``) still runs the others.
+_MODULES = {
+    "triton": ("mapping_triton", "pre_triton", "post_res_triton"),
+    "tpu": ("mapping_tpu", "pre_tpu", "post_res_tpu"),
+    "mosaic_gpu": ("mapping_mosaic", "pre_mosaic", "post_res_mosaic"),
 }
 _SUPPORT: dict[tuple, str | None] = {}  # probe results: None, or why a backend refused
 
@@ -81,7 +72,12 @@ def _kernels(backend: Impl, fn: str, n: int) -> tuple[tuple[ModuleType, ...], St
             f"{fn}: the kernels support 1 <= n <= {MAX_STREAMS} streams, got n={n}"
         )
     assert backend.kernels is not None, backend  # callers pass single kernel backends
-    return _MODULES[backend.kernels], Static(interpret=backend.interpret)
+    return _family(backend.kernels), Static(interpret=backend.interpret)
+
+
+@functools.cache
+def _family(kernels: str) -> tuple[ModuleType, ...]:
+    return tuple(importlib.import_module(f"{__package__}.{m}") for m in _MODULES[kernels])
 
 
 def _probe(key: tuple, call: Callable, backend: Impl, args: Sequence[jax.Array]) -> None:
@@ -341,6 +337,8 @@ def transition(
         )
         args = (h_res.reshape(t, n, n), h_post.reshape(t, n), x.reshape(t, n, c), f.reshape(t, c))
         if backend.kernels == "mosaic_gpu":
+            from pallas_kernels.mhc import transition_mosaic  # loaded on first use, as _family
+
             outs = transition_mosaic.transition(*args, phi, bias, alpha, static)
         else:
             x_next = post_res.apply_post_res(*args, static)

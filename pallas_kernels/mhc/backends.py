@@ -13,6 +13,10 @@ any host) or a chain of them:
 
 Every other name is explicit: it runs that backend or raises.
 
+A kernel family loads its Pallas backend on first use. JAX 0.11 deprecated Pallas
+Triton; on a JAX without one of the Pallas modules, ``auto`` and ``pallas`` leave that
+family out (logged once) and an explicit name of it is an error saying so.
+
 A backend's refusals are those raised while its ops are traced (shapes, dtypes,
 widths, shared-memory and VMEM budgets are all checked in Python before a kernel is
 built); a failure only the compiler meets (ptxas, Mosaic lowering) is not caught.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib
 
 import jax
 from absl import logging
@@ -78,6 +83,34 @@ _ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# The Pallas module each kernel family is written in.
+_PALLAS_MODULES = {
+    "mosaic_gpu": "jax.experimental.pallas.mosaic_gpu",
+    "triton": "jax.experimental.pallas.triton",
+    "tpu": "jax.experimental.pallas.tpu",
+}
+
+
+@functools.cache
+def missing(kernels: str) -> str | None:
+    """Why this JAX cannot build kernel family ``kernels`` (its Pallas module does not
+    import), else None."""
+    module = _PALLAS_MODULES[kernels]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"JAX {jax.__version__} has no {module} ({e})"
+    return None
+
+
+def _present(kernels: tuple[str, ...]) -> tuple[str, ...]:
+    """``kernels`` less the families this JAX cannot build, each logged once."""
+    for k in kernels:
+        if why := missing(k):
+            _note_once(f"mHC kernels: {k} is left out of 'auto' and 'pallas': {why}")
+    return tuple(k for k in kernels if not missing(k))
+
+
 def parse(impl: str, field: str = "impl") -> Impl:
     """``impl`` as an Impl; a ValueError naming ``field``, the value and the names allowed."""
     try:
@@ -105,22 +138,34 @@ def chain(impl: str | Impl, op: str, field: str = "impl") -> tuple[Impl, ...]:
 
     Raises:
       ValueError: an unknown name, or an explicit backend (``pallas`` included) that
-        cannot run on this platform; the message names ``field``.
+        cannot run on this platform or whose Pallas module this JAX lacks; the message
+        names ``field``.
     """
     impl, where = parse(impl, field), platform()
-    order = tuple(Impl(k) for k in _ORDER[where][op])
+    order = tuple(Impl(k) for k in _present(_ORDER[where][op]))
     if impl == Impl.AUTO:
         return (*order, Impl.XLA)
     backend = jax.default_backend()
     if impl == Impl.PALLAS:
+        if not order and _ORDER[where][op]:
+            reasons = "; ".join(str(missing(k)) for k in _ORDER[where][op])
+            raise ValueError(
+                f"{field}='pallas' is unavailable for {op!r}: {reasons}; use {field}='auto' or "
+                f"{field}='xla'"
+            )
         if not order:
             raise ValueError(
                 f"{field}='pallas' is invalid on the {backend!r} backend: the kernels need a "
                 f"GPU or TPU; use {field}='pallas_interpret' or {field}='xla'"
             )
         return order
+    asked = impl.value
     if impl == Impl.PALLAS_INTERPRET:
-        return (Impl.TPU_INTERPRET if where == "tpu" else Impl.TRITON_INTERPRET,)
+        impl = Impl.TPU_INTERPRET if where == "tpu" else Impl.TRITON_INTERPRET
+    if impl.kernels and (why := missing(impl.kernels)):
+        raise ValueError(
+            f"{field}={asked!r} is unavailable: {why}; use {field}='auto' or {field}='xla'"
+        )
     if impl.kernels and not impl.interpret and where not in _needs(impl.kernels):
         wanted = {"mosaic_gpu": "an NVIDIA Hopper GPU (sm_90)", "triton": "a GPU"}
         raise ValueError(
