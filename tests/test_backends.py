@@ -115,13 +115,30 @@ def test_a_jax_without_a_pallas_backend_leaves_its_family_out(on, without, caplo
 
 
 def test_the_kernel_families_load_on_first_use():
+    """With every Pallas module unimportable, as on a JAX that has removed them, the
+    api and the model still import and load no Pallas module."""
     code = (
-        "import sys; from pallas_kernels.mhc import api; "
-        "print(sorted(m for m in sys.modules if m.startswith('pallas_kernels.mhc.') and "
-        "m.rsplit('_', 1)[-1] in ('triton', 'mosaic', 'tpu')))"
+        "import sys\n"
+        "for m in ('triton', 'mosaic_gpu', 'tpu'):\n"
+        "    sys.modules['jax.experimental.pallas.' + m] = None\n"
+        "from pallas_kernels.mhc import api, backends\n"
+        "import mhc_jax.model\n"
+        "assert backends.chain('xla', 'pre') == (backends.Impl.XLA,)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('jax.experimental.pallas.')"
+        " and sys.modules[m] is not None))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_xla_checks_no_kernel_family(on, without, caplog):
+    on("gpu")
+    without("triton")
+    with caplog.at_level(logging.WARNING):
+        assert backends.chain("xla", "post_res") == (Impl.XLA,)
+        assert backends.resolve("xla", 4) == "xla"
+    assert not caplog.records
 
 
 def test_the_hopper_check_reads_the_compute_capability(monkeypatch):

@@ -49,6 +49,11 @@ class Impl(enum.StrEnum):
         return self.value.endswith("_interpret")
 
     @property
+    def chained(self) -> bool:
+        """Whether this name tries the platform's kernel families in turn."""
+        return self in (Impl.AUTO, Impl.PALLAS)
+
+    @property
     def kernels(self) -> str | None:
         """The kernel family of a single backend ("mosaic_gpu", "triton", "tpu"), None for xla."""
         name = self.value.removesuffix("_interpret")
@@ -142,7 +147,9 @@ def chain(impl: str | Impl, op: str, field: str = "impl") -> tuple[Impl, ...]:
         names ``field``.
     """
     impl, where = parse(impl, field), platform()
-    order = tuple(Impl(k) for k in _present(_ORDER[where][op]))
+    if impl == Impl.XLA:
+        return (impl,)
+    order = tuple(Impl(k) for k in _present(_ORDER[where][op])) if impl.chained else ()
     if impl == Impl.AUTO:
         return (*order, Impl.XLA)
     backend = jax.default_backend()
