@@ -89,6 +89,7 @@ def without(monkeypatch):
     def remove(kernels):
         monkeypatch.setitem(sys.modules, backends._PALLAS_MODULES[kernels], None)
         backends.missing.cache_clear()
+        backends._note_once.cache_clear()
 
     yield remove
     backends.missing.cache_clear()

@@ -49,11 +49,6 @@ class Impl(enum.StrEnum):
         return self.value.endswith("_interpret")
 
     @property
-    def chained(self) -> bool:
-        """Whether this name tries the platform's kernel families in turn."""
-        return self in (Impl.AUTO, Impl.PALLAS)
-
-    @property
     def kernels(self) -> str | None:
         """The kernel family of a single backend ("mosaic_gpu", "triton", "tpu"), None for xla."""
         name = self.value.removesuffix("_interpret")
@@ -147,13 +142,11 @@ def chain(impl: str | Impl, op: str, field: str = "impl") -> tuple[Impl, ...]:
         names ``field``.
     """
     impl, where = parse(impl, field), platform()
-    if impl == Impl.XLA:
-        return (impl,)
-    order = tuple(Impl(k) for k in _present(_ORDER[where][op])) if impl.chained else ()
-    if impl == Impl.AUTO:
-        return (*order, Impl.XLA)
     backend = jax.default_backend()
-    if impl == Impl.PALLAS:
+    if impl in (Impl.AUTO, Impl.PALLAS):
+        order = tuple(Impl(k) for k in _present(_ORDER[where][op]))
+        if impl == Impl.AUTO:
+            return (*order, Impl.XLA)
         if not order and _ORDER[where][op]:
             reasons = "; ".join(str(missing(k)) for k in _ORDER[where][op])
             raise ValueError(
