@@ -297,8 +297,8 @@ class Tpu(KernelBackend):
 
 class MosaicGpu(KernelBackend):
     """The Mosaic GPU kernels; on a CPU host also lowered for CUDA, which catches shared
-    memory over a block's limit, illegal TMA boxes and layout-inference failures (not
-    ptxas errors, spills or wrong numbers: those need the GPU)."""
+    memory over a block's limit, illegal TMA boxes and layout-inference failures (ptxas
+    errors and spills: ``test_ptxas.py``; timing: the GPU)."""
 
     backend = "mosaic_gpu"
     home = "gpu"

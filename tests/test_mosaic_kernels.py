@@ -65,10 +65,11 @@ def test_token_epilogue_matches_packed_rows(n):
     assert rel_error(jnp.stack(got_dt, 1), dt[:, :k]) <= 1e-6
 
 
-def _xla_epilogue(partials, consts, dcoef, n, nc):
-    """``epilogue_mosaic``'s forward and backward outputs from ``_token_epilogue`` in XLA."""
+def _xla_epilogue(partials, info, dcoef, n, nc):
+    """``epilogue_mosaic``'s forward and backward outputs from ``_token_epilogue`` in XLA
+    (bias and alpha per coefficient from ``info``, not from the kernels' constants)."""
     k, rows = _coeffs.width(n), list
-    bias, alpha = rows(consts[:k, 0]), rows(consts[k:, 0])
+    bias, alpha = rows(info[0, :k]), rows(info[1, :k])
     kw = dict(n=n, nc=nc, num_iters=STATIC.num_iters)
     coef, raw, r = _token_epilogue.forward(
         rows(partials[:k]), partials[k], bias, alpha, norm_eps=STATIC.norm_eps, **kw
@@ -93,7 +94,7 @@ def test_epilogue_kernels_match_xla(n):
         saved, dcoef, consts
     )
     assert not races_recorded()
-    want = _xla_epilogue(partials, consts, dcoef, n, n * 64)
+    want = _xla_epilogue(partials, info, dcoef, n, n * 64)
     for g, w in zip((coef, saved, *grads), want, strict=True):
         assert g.shape == w.shape
         assert rel_error(g, w) <= 1e-6

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,12 @@ from pallas_kernels.mhc import _sinkhorn_v4
 from pallas_kernels.mhc.sinkhorn import DEEPSEEK_V4_EPS, multiplicative_runs
 
 Rows = list[list[jax.Array]]  # n x n per-token entries of a res matrix
+Keep = Callable[[Rows], Callable[[], Rows]]  # stores an iterate, returns its reload
+
+
+def in_registers(m: Rows) -> Callable[[], Rows]:
+    """The default ``Keep``: the iterate stays where it is (in XLA, or in registers)."""
+    return lambda: m
 
 
 def _sigmoid(t):
@@ -107,24 +113,25 @@ def _scaled_iterate(m: Rows, count: int):
     return lax.fori_loop(1, count, body, _step(m))
 
 
-def _run_starts(t: Rows, runs):
-    """The iterate at the start of every multiplicative run, and iteration 0's softmax."""
+def _run_starts(t: Rows, runs, keep: Keep = in_registers):
+    """The iterate at the start of every multiplicative run, each as ``keep`` returns it
+    (its reload), the last also as it is, and iteration 0's softmax."""
     lg, m, p = _first_iteration(t)
-    starts = [m]
+    starts = [keep(m)]
     for start, stop in runs[:-1]:
         _, u, v = _scaled_iterate(m, stop - start)
         log_u, log_v = [jnp.log(a) for a in u], [jnp.log(b) for b in v]
         lg = [[e + lu + lv for e, lv in zip(row, log_v)] for row, lu in zip(lg, log_u)]
         m = [[jnp.exp(e) for e in row] for row in lg]
-        starts.append(m)
-    return starts, p
+        starts.append(keep(m))
+    return starts, m, p
 
 
 def sinkhorn(t: Rows, num_iters: int) -> Rows:
     """Sinkhorn-Knopp of the n x n logits t (per-token arrays)."""
     runs = multiplicative_runs(len(t), num_iters)
-    starts, _ = _run_starts(t, runs)
-    return _iterate(starts[-1], runs[-1][1] - runs[-1][0]) if runs else starts[-1]
+    _, last, _ = _run_starts(t, runs)
+    return _iterate(last, runs[-1][1] - runs[-1][0]) if runs else last
 
 
 def _group_vjp(g: Rows, out: Rows, by_col: bool) -> Rows:
@@ -142,20 +149,22 @@ def _iteration_vjp(m: Rows, g: Rows) -> Rows:
     return _group_vjp(_group_vjp(g, r, by_col=False), c, by_col=True)
 
 
-def sinkhorn_vjp(t: Rows, g: Rows, num_iters: int) -> Rows:
+def sinkhorn_vjp(t: Rows, g: Rows, num_iters: int, keep: Keep = in_registers) -> Rows:
     """VJP of ``sinkhorn`` w.r.t. t for the cotangent g, as ``_coeffs.sinkhorn_vjp``:
-    log-gradients back through iterates recomputed from each run's start."""
+    log-gradients back through iterates recomputed from each run's start. The starts
+    (one n x n checkpoint per run) are held as ``keep`` stores them: a kernel puts them
+    in shared memory, where they take no registers between their uses."""
     runs = multiplicative_runs(len(t), num_iters)
-    starts, p = _run_starts(t, runs)
-    out = _iterate(starts[-1], runs[-1][1] - runs[-1][0]) if runs else starts[-1]
+    starts, last, p = _run_starts(t, runs, keep)
+    out = _iterate(last, runs[-1][1] - runs[-1][0]) if runs else last
     grad = [[o * a for o, a in zip(orow, grow)] for orow, grow in zip(out, g)]
     for (start, stop), ckpt in reversed(list(zip(runs, starts))):
 
         def back(j, grad, length=stop - start, ckpt=ckpt):
-            return _iteration_vjp(_iterate(ckpt, length - 1 - j), grad)
+            return _iteration_vjp(_iterate(ckpt(), length - 1 - j), grad)
 
         grad = lax.fori_loop(0, stop - start, back, grad)
-    grad = _group_vjp(grad, starts[0], by_col=False)
+    grad = _group_vjp(grad, starts[0](), by_col=False)
     return _group_vjp(grad, p, by_col=True)
 
 
@@ -193,8 +202,21 @@ def forward(
     return pre + post + [e for row in res for e in row], raw, r
 
 
-def backward(raw, r, dcoef, bias, alpha, *, n: int, nc: int, num_iters: int, variant="paper"):
-    """The VJP of ``forward`` from its saved (raw, r) and the K coefficient cotangents.
+def backward(
+    raw,
+    r,
+    dcoef,
+    bias,
+    alpha,
+    *,
+    n: int,
+    nc: int,
+    num_iters: int,
+    variant="paper",
+    keep: Keep = in_registers,
+):
+    """The VJP of ``forward`` from its saved (raw, r) and the K coefficient cotangents
+    (``keep``: how the paper variant's Sinkhorn VJP holds its checkpoints).
 
     Returns (dy, c_x, dt): dy (K arrays) the cotangent of ``x @ phi``, c_x such that
     dx = dy @ phi^T + c_x * x (the RMS path), dt (K arrays) the cotangent of the logits
@@ -211,7 +233,7 @@ def backward(raw, r, dcoef, bias, alpha, *, n: int, nc: int, num_iters: int, var
             _res(t, n), _res(dcoef, n), num_iters, DEEPSEEK_V4_EPS
         )
     else:
-        dres = sinkhorn_vjp(_res(t, n), _res(dcoef, n), num_iters)
+        dres = sinkhorn_vjp(_res(t, n), _res(dcoef, n), num_iters, keep)
     dt += [e for row in dres for e in row]
     draw = [d * a for d, a in zip(dt, alpha)]
     inv_r = 1.0 / r

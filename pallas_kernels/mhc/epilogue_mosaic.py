@@ -22,22 +22,76 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mhc import _coeffs, _token_epilogue
 from pallas_kernels.mhc import _mosaic_io as io
+from pallas_kernels.mhc.sinkhorn import multiplicative_runs
 
 F32 = jnp.float32
 BTE = 128  # tokens per block: one per thread of a warpgroup
 ROWS = plgpu.Layout.WG_STRIDED((BTE,), vec_size=1)
+SMEM_BYTES = 224 * 1024  # of the 227 KiB a Hopper block may take
 
 
 def constants(info: jax.Array, n: int) -> jax.Array:
-    """(2K, BTE) fp32: bias then the per-coefficient alpha, each broadcast along a row
-    (loaded as row vectors: the kernels take no scalars)."""
+    """(K + 3, BTE) fp32: the K biases, then alpha of the pre, post and res groups, each
+    broadcast along a row (loaded as row vectors: the kernels take no scalars)."""
     k = _coeffs.width(n)
-    return jnp.broadcast_to(info[:2, :k].reshape(2 * k, 1), (2 * k, BTE))
+    rows = jnp.concatenate([info[0, :k], info[1, jnp.array([0, n, 2 * n])]])
+    return jnp.broadcast_to(rows.reshape(k + 3, 1), (k + 3, BTE))
 
 
-def _run(name: str, math, rows_out: tuple[int, ...], *args, interpret: bool):
-    """Runs ``math(*input row lists, bias, alpha) -> output row lists`` per token block,
-    as kernel ``name`` (what profiles show).
+def bias_and_alpha(rows: list, n: int) -> tuple[list, list]:
+    """``constants``' K + 3 rows as the K biases and the K per-coefficient alphas. A
+    group's coefficients share one alpha value, so a kernel holds 3 of them in registers,
+    not K (24 at n = 4: the backward spilled with K)."""
+    k = _coeffs.width(n)
+    pre, post, res = rows[k : k + 3]
+    return rows[:k], [pre] * n + [post] * n + [res] * (n * n)
+
+
+def _keeper(buf):
+    """A ``_token_epilogue.Keep`` that puts each n x n iterate into ``buf``'s next n*n
+    rows (each thread its own token's column) while they last, else leaves it in
+    registers; its reload reads the rows back where it is called."""
+    used = 0
+
+    def keep(m):
+        nonlocal used
+        flat, base = [e for row in m for e in row], used
+        if base + len(flat) > buf.shape[0]:
+            return lambda: m
+        for r, v in enumerate(flat):
+            buf[base + r] = v
+        used += len(flat)
+
+        def reload():
+            values = [plgpu.load(buf.at[base + r], layout=ROWS) for r in range(len(flat))]
+            return [values[i : i + len(m)] for i in range(0, len(flat), len(m))]
+
+        return reload
+
+    return keep
+
+
+def _keep_rows(n: int, num_iters: int, input_rows: int) -> int:
+    """Rows of shared memory for the Sinkhorn VJP's checkpoints: one n x n iterate per
+    multiplicative run, as many as fit beside the inputs (at 20 iterations: all 4 at
+    n <= 4, 3 of 4 at n = 8)."""
+    room = SMEM_BYTES // (BTE * 4) - input_rows
+    runs = len(multiplicative_runs(n, num_iters))
+    return min(runs, max(room, 0) // (n * n)) * n * n
+
+
+def _run(
+    name: str,
+    math,
+    rows_out: tuple[int, ...],
+    *args,
+    n: int,
+    interpret: bool,
+    keep_rows: int = 0,
+):
+    """Runs ``math(*input row lists, bias, alpha, keep) -> output row lists`` per token
+    block, as kernel ``name`` (what profiles show), for n streams; ``keep`` stores
+    iterates in ``keep_rows`` rows of shared memory (``_keeper``).
 
     args: (r, T) fp32 arrays, then ``constants``. Returns (r, T) fp32 arrays with the
     r of rows_out; output i is at most as tall as argument i, whose shared-memory
@@ -54,7 +108,9 @@ def _run(name: str, math, rows_out: tuple[int, ...], *args, interpret: bool):
 
     def body(*refs):
         ins, outs = refs[: len(args)], refs[len(args) : len(args) + len(rows_out)]
-        smem, loaded = refs[len(args) + len(rows_out) : -1], refs[-1]
+        scratch = refs[len(args) + len(rows_out) :]
+        smem, loaded = scratch[: len(args)], scratch[len(args)]
+        keep = _keeper(scratch[-1]) if keep_rows else _token_epilogue.in_registers
         cols = pl.ds(lax.axis_index("t") * BTE, BTE)
         for ref, buf in zip(ins[:-1], smem[:-1]):
             plgpu.copy_gmem_to_smem(ref.at[:, cols], buf, loaded)
@@ -65,8 +121,7 @@ def _run(name: str, math, rows_out: tuple[int, ...], *args, interpret: bool):
             return [plgpu.load(buf.at[r], layout=ROWS) for r in range(buf.shape[0])]
 
         values = [rows(buf) for buf in smem]  # every load before any store (see below)
-        k = len(values[-1]) // 2
-        results = math(*values[:-1], values[-1][:k], values[-1][k:])
+        results = math(*values[:-1], *bias_and_alpha(values[-1], n), keep)
         # Output i overwrites input i's buffer: in this layout each thread reads and
         # writes only its own token's column, it has loaded every input above, and
         # Mosaic GPU puts a warpgroup barrier around every shared-memory store.
@@ -85,6 +140,7 @@ def _run(name: str, math, rows_out: tuple[int, ...], *args, interpret: bool):
         scratch_types=[
             *(plgpu.SMEM((a.shape[0], BTE), F32) for a in args),
             plgpu.Barrier(num_arrivals=len(args)),
+            *([plgpu.SMEM((keep_rows, BTE), F32)] if keep_rows else []),
         ],
         grid=(pl.cdiv(t, BTE),),
         grid_names=("t",),
@@ -108,7 +164,8 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
     """
     k = _coeffs.width(n)
 
-    def math(p, bias, alpha):
+    def math(p, bias, alpha, keep):
+        del keep  # the forward keeps only the last run's start, in registers
         coef, raw, r = _token_epilogue.forward(
             p[:k],
             p[k],
@@ -128,6 +185,7 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
         (k, k + 1),
         partials_t,
         consts,
+        n=n,
         interpret=static.interpret,
     )
 
@@ -139,7 +197,7 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
     fp32 (see ``_token_epilogue.backward``)."""
     k = _coeffs.width(n)
 
-    def math(saved, dcoef, bias, alpha):
+    def math(saved, dcoef, bias, alpha, keep):
         dy, c_x, dt = _token_epilogue.backward(
             saved[:k],
             saved[k],
@@ -150,6 +208,7 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
             nc=nc,
             num_iters=static.num_iters,
             variant=static.variant,
+            keep=keep,
         )
         return [*dy, c_x], dt, [d * v for d, v in zip(dt, saved[:k])]
 
@@ -160,5 +219,7 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
         saved_t,
         dcoef_t,
         consts,
+        n=n,
         interpret=static.interpret,
+        keep_rows=_keep_rows(n, static.num_iters, 3 * k + 4) if static.variant == "paper" else 0,
     )

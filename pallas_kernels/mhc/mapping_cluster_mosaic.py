@@ -89,8 +89,7 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
     Args:
       x2: (T, n*C) 16-bit streams, T a multiple of 8.
       parts: phi^T's parts, each (kp, n*C) in x2.dtype (``_common.phi_parts``).
-      consts: (2K, 64) fp32, bias then alpha per coefficient along rows
-        (``epilogue_mosaic.constants`` cut to 64 tokens).
+      consts: (K + 3, 64) fp32, ``constants``.
     """
     t, nc = x2.shape
     kp, k = parts[0].shape[0], _coeffs.width(n)
@@ -164,8 +163,8 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
                     total = part if total is None else total + part
                 plgpu.commit_smem()  # every thread's loads done before the next round's TMA
             y = [_column(total, lane, j) for j in range(k + 1)]
-            bias = [io.load_row(consts_smem.at[j]) for j in range(k)]
-            alpha = [io.load_row(consts_smem.at[k + j]) for j in range(k)]
+            rows = [io.load_row(consts_smem.at[j]) for j in range(consts_smem.shape[0])]
+            bias, alpha = epilogue_mosaic.bias_and_alpha(rows, n)
             return _token_epilogue.forward(
                 y[:k],
                 y[k],
@@ -181,7 +180,7 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
         coef, raw, r = pl.run_scoped(
             epilogue,
             io.tile_smem((per_load, io.BT, kp), F32),
-            plgpu.SMEM((2 * k, io.BT), F32),
+            plgpu.SMEM((k + 3, io.BT), F32),
             plgpu.Barrier(num_arrivals=1),
             plgpu.Barrier(num_arrivals=per_load),
         )
@@ -254,5 +253,6 @@ def fwd(x2, parts, consts, *, n, c, with_pre, static):
 
 
 def constants(info: jax.Array, n: int) -> jax.Array:
-    """(2K, 64) fp32 bias then alpha rows for ``fwd`` (one token block's width)."""
+    """(K + 3, 64) fp32 bias and alpha rows for ``fwd`` (``epilogue_mosaic.constants``
+    cut to one token block's width)."""
     return epilogue_mosaic.constants(info, n)[:, : io.BT]
