@@ -36,7 +36,7 @@ SPILLS = {
     ("paper", 4): {"mhc_transition_bwd_mgpu": (24, 24)},
     ("paper", 8): {
         "mhc_mapping_coef_fwd_mgpu": (72, 72),
-        "mhc_mapping_coef_bwd_mgpu": (692, 708),
+        "mhc_mapping_coef_bwd_mgpu": (436, 436),
         "mhc_mapping_cluster_fwd_mgpu": (2372, 2508),
         "mhc_post_res_bwd_mgpu": (1388, 944),
     },

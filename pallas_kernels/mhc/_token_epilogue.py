@@ -216,13 +216,16 @@ def backward(
     keep: Keep = in_registers,
 ):
     """The VJP of ``forward`` from its saved (raw, r) and the K coefficient cotangents
-    (``keep``: how the paper variant's Sinkhorn VJP holds its checkpoints).
+    (``keep``: how the paper variant's Sinkhorn VJP holds its checkpoints). ``raw`` may
+    also be a function returning the K values, called before the Sinkhorn VJP and after
+    it: a kernel re-reads them from shared memory rather than hold them across it.
 
     Returns (dy, c_x, dt): dy (K arrays) the cotangent of ``x @ phi``, c_x such that
     dx = dy @ phi^T + c_x * x (the RMS path), dt (K arrays) the cotangent of the logits
     (its token sums give d_bias; those of dt * raw, by group, d_alpha).
     """
-    t = [v * a + b for v, a, b in zip(raw, alpha, bias)]
+    read = raw if callable(raw) else lambda: raw
+    t = [v * a + b for v, a, b in zip(read(), alpha, bias)]
     dt = []
     for k in range(2 * n):
         s = _sigmoid(t[k])
@@ -238,5 +241,5 @@ def backward(
     draw = [d * a for d, a in zip(dt, alpha)]
     inv_r = 1.0 / r
     # raw = y / r, r = sqrt(sum(x^2)/nc + eps): x gets -sum(draw * raw) / (nc r^2) * x
-    c_x = -_sum([d * v for d, v in zip(draw, raw)]) * (inv_r * inv_r / nc)
+    c_x = -_sum([d * v for d, v in zip(draw, read())]) * (inv_r * inv_r / nc)
     return [d * inv_r for d in draw], c_x, dt

@@ -89,9 +89,10 @@ def _run(
     interpret: bool,
     keep_rows: int = 0,
 ):
-    """Runs ``math(*input row lists, bias, alpha, keep) -> output row lists`` per token
-    block, as kernel ``name`` (what profiles show), for n streams; ``keep`` stores
-    iterates in ``keep_rows`` rows of shared memory (``_keeper``).
+    """Runs ``math(*input row lists, bias, alpha, keep, reread) -> output row lists`` per
+    token block, as kernel ``name`` (what profiles show), for n streams; ``keep`` stores
+    iterates in ``keep_rows`` rows of shared memory (``_keeper``), ``reread(i)`` loads
+    input i's rows again (the math may use them there instead of holding them).
 
     args: (r, T) fp32 arrays, then ``constants``. Returns (r, T) fp32 arrays with the
     r of rows_out; output i is at most as tall as argument i, whose shared-memory
@@ -121,10 +122,14 @@ def _run(
             return [plgpu.load(buf.at[r], layout=ROWS) for r in range(buf.shape[0])]
 
         values = [rows(buf) for buf in smem]  # every load before any store (see below)
-        results = math(*values[:-1], *bias_and_alpha(values[-1], n), keep)
+
+        def reread(i):
+            return rows(smem[i])
+
+        results = math(*values[:-1], *bias_and_alpha(values[-1], n), keep, reread)
         # Output i overwrites input i's buffer: in this layout each thread reads and
-        # writes only its own token's column, it has loaded every input above, and
-        # Mosaic GPU puts a warpgroup barrier around every shared-memory store.
+        # writes only its own token's column, it has loaded (and re-read) every input
+        # above, and Mosaic GPU puts a warpgroup barrier around every shared-memory store.
         for buf, result in zip(smem, results):
             for r, v in enumerate(result):
                 buf[r] = v
@@ -164,8 +169,8 @@ def forward(partials_t, consts, *, n: int, nc: int, static):
     """
     k = _coeffs.width(n)
 
-    def math(p, bias, alpha, keep):
-        del keep  # the forward keeps only the last run's start, in registers
+    def math(p, bias, alpha, keep, reread):
+        del keep, reread  # the forward keeps only the last run's start, in registers
         coef, raw, r = _token_epilogue.forward(
             p[:k],
             p[k],
@@ -197,9 +202,12 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
     fp32 (see ``_token_epilogue.backward``)."""
     k = _coeffs.width(n)
 
-    def math(saved, dcoef, bias, alpha, keep):
+    def math(saved, dcoef, bias, alpha, keep, reread):
+        def raw():  # re-read after the Sinkhorn VJP: no registers held across it
+            return reread(0)[:k]
+
         dy, c_x, dt = _token_epilogue.backward(
-            saved[:k],
+            raw,
             saved[k],
             dcoef,
             bias,
@@ -210,7 +218,7 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
             variant=static.variant,
             keep=keep,
         )
-        return [*dy, c_x], dt, [d * v for d, v in zip(dt, saved[:k])]
+        return [*dy, c_x], dt, [d * v for d, v in zip(dt, raw())]
 
     return _run(
         "mhc_mapping_coef_bwd_mgpu",
