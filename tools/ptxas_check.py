@@ -255,7 +255,8 @@ def compile_all(fn: Callable, *args) -> list[Kernel]:
     grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
     modules = mosaic_modules(lower_for_cuda(fn, *args))
     modules += mosaic_modules(lower_for_cuda(grad, *args))
-    # the gradient's forward kernels differ from the forward's only in source locations
+    # the primal and the VJP's forward rule may build different kernels; where they build
+    # the same one, the modules differ in source locations only and report the same
     kernels = {}
     for module in dict.fromkeys(modules):
         kernel = compile_module(module)

@@ -30,7 +30,6 @@ from pallas_kernels.mhc import _mosaic_io as io
 
 BF16 = jnp.bfloat16
 SHAPES = ("64x64", "32x128", "16x256", "8x512")
-SMEM_BYTES = 224 * 1024
 SLICE_COLUMNS = 512  # columns of one token row per step in ``sliced_copy``
 
 
@@ -46,12 +45,12 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def fitting_stages(n: int, shape: tuple[int, int], stages: int) -> int:
-    """The most pipeline stages up to ``stages`` whose n + 1 bf16 tiles fit SMEM_BYTES
+    """The most pipeline stages up to ``stages`` whose n + 1 bf16 tiles fit io.SMEM_BYTES
     (at least 2: a slot is released one step late); ValueError if 2 do not fit."""
     stage = (n + 1) * shape[0] * shape[1] * 2
-    fits = min(stages, SMEM_BYTES // stage)
+    fits = min(stages, io.SMEM_BYTES // stage)
     if fits < 2:
-        raise ValueError(f"tile {shape}: two stages of {n + 1} tiles exceed {SMEM_BYTES} bytes")
+        raise ValueError(f"tile {shape}: two stages of {n + 1} tiles exceed {io.SMEM_BYTES} bytes")
     return fits
 
 

@@ -28,6 +28,7 @@ COLUMN_BLOCKS = (128, 64, 32)
 MAX_TOKENS = 65535 * BT  # token blocks run on CUDA grid y, at most 65535 of them
 SMS = 132  # streaming multiprocessors of an H100 / H200 (SXM)
 MIN_STEPS = 4  # chunks per block that ``span_columns`` keeps where C has them
+SMEM_BYTES = 224 * 1024  # of the 227 KiB a Hopper block may take; the rest: barriers, alignment
 # Shared memory a kernel may fill with tiles: first about half of the 227 KiB a Hopper
 # block can take, so two blocks share an SM and one's loads hide the other's math;
 # failing that (fp32 streams at n = 8), most of it for one block per SM.

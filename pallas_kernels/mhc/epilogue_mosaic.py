@@ -27,7 +27,6 @@ from pallas_kernels.mhc.sinkhorn import multiplicative_runs
 F32 = jnp.float32
 BTE = 128  # tokens per block: one per thread of a warpgroup
 ROWS = plgpu.Layout.WG_STRIDED((BTE,), vec_size=1)
-SMEM_BYTES = 224 * 1024  # of the 227 KiB a Hopper block may take
 
 
 def constants(info: jax.Array, n: int) -> jax.Array:
@@ -71,13 +70,12 @@ def _keeper(buf):
     return keep
 
 
-def _keep_rows(n: int, num_iters: int, input_rows: int) -> int:
-    """Rows of shared memory for the Sinkhorn VJP's checkpoints: one n x n iterate per
-    multiplicative run, as many as fit beside the inputs (at 20 iterations: all 4 at
-    n <= 4, 3 of 4 at n = 8)."""
-    room = SMEM_BYTES // (BTE * 4) - input_rows
-    runs = len(multiplicative_runs(n, num_iters))
-    return min(runs, max(room, 0) // (n * n)) * n * n
+def _keep_rows(n: int, iterates: int, input_rows: int) -> int:
+    """Rows of shared memory for up to ``iterates`` n x n iterates, as many as fit beside
+    the inputs (the Sinkhorn VJP's 4 checkpoints at 20 iterations: all at n <= 4, 3 at
+    n = 8)."""
+    room = io.SMEM_BYTES // (BTE * 4) - input_rows
+    return min(iterates, max(room, 0) // (n * n)) * n * n
 
 
 def _run(
@@ -87,18 +85,20 @@ def _run(
     *args,
     n: int,
     interpret: bool,
-    keep_rows: int = 0,
+    keep: int = 0,
 ):
     """Runs ``math(*input row lists, bias, alpha, keep, reread) -> output row lists`` per
-    token block, as kernel ``name`` (what profiles show), for n streams; ``keep`` stores
-    iterates in ``keep_rows`` rows of shared memory (``_keeper``), ``reread(i)`` loads
-    input i's rows again (the math may use them there instead of holding them).
+    token block, as kernel ``name`` (what profiles show), for n streams; the math's
+    ``keep`` stores up to ``keep`` n x n iterates in shared memory (``_keeper``: those
+    that fit beside the inputs), ``reread(i)`` loads input i's rows again (the math may
+    use them there instead of holding them).
 
     args: (r, T) fp32 arrays, then ``constants``. Returns (r, T) fp32 arrays with the
     r of rows_out; output i is at most as tall as argument i, whose shared-memory
     buffer it reuses (the backward at n = 8 would not fit in separate ones).
     """
     t = args[0].shape[1]
+    keep_rows = _keep_rows(n, keep, sum(a.shape[0] for a in args))
     if t % io.TOKEN_ALIGN:  # TMA strides must be 16-byte multiples
         raise ValueError(f"epilogue kernel: T={t} is not a multiple of {io.TOKEN_ALIGN}")
     if len(rows_out) > len(args) or any(r > a.shape[0] for r, a in zip(rows_out, args)):
@@ -111,7 +111,7 @@ def _run(
         ins, outs = refs[: len(args)], refs[len(args) : len(args) + len(rows_out)]
         scratch = refs[len(args) + len(rows_out) :]
         smem, loaded = scratch[: len(args)], scratch[len(args)]
-        keep = _keeper(scratch[-1]) if keep_rows else _token_epilogue.in_registers
+        keeper = _keeper(scratch[-1]) if keep_rows else _token_epilogue.in_registers
         cols = pl.ds(lax.axis_index("t") * BTE, BTE)
         for ref, buf in zip(ins[:-1], smem[:-1]):
             plgpu.copy_gmem_to_smem(ref.at[:, cols], buf, loaded)
@@ -126,7 +126,7 @@ def _run(
         def reread(i):
             return rows(smem[i])
 
-        results = math(*values[:-1], *bias_and_alpha(values[-1], n), keep, reread)
+        results = math(*values[:-1], *bias_and_alpha(values[-1], n), keeper, reread)
         # Output i overwrites input i's buffer: in this layout each thread reads and
         # writes only its own token's column, it has loaded (and re-read) every input
         # above, and Mosaic GPU puts a warpgroup barrier around every shared-memory store.
@@ -229,5 +229,6 @@ def backward(saved_t, dcoef_t, consts, *, n: int, nc: int, static):
         consts,
         n=n,
         interpret=static.interpret,
-        keep_rows=_keep_rows(n, static.num_iters, 3 * k + 4) if static.variant == "paper" else 0,
+        # the paper variant's Sinkhorn VJP: one checkpoint per multiplicative run
+        keep=len(multiplicative_runs(n, static.num_iters)) if static.variant == "paper" else 0,
     )

@@ -31,7 +31,6 @@ from pallas_kernels.mhc._common import post_res_op
 from pallas_kernels.mhc.backends import UnsupportedInput
 
 F32 = jnp.float32
-SMEM_BYTES = 224 * 1024  # of the 227 KiB a Hopper block may take; the rest: barriers, alignment
 # (chunk columns, chunks in flight, output buffers), preferred first: 128-byte rows of
 # 16-bit values, loads of two chunks in flight, stores overlapping the next chunk (16
 # columns: the backward's fp32 tiles at n = 8).
@@ -92,14 +91,14 @@ def plan(
     # a C that is not a whole number of the tiles' chunks takes taller tiles (fewer boxes)
     taller = [tk for tk in (8, 16, 32, io.BT) if tk >= tokens]
     for (chunk, stages, outs), tile_tokens in itertools.product(CANDIDATES, taller):
-        fits = fixed + chunk * (stages * in_bytes + outs * out_bytes) <= SMEM_BYTES
+        fits = fixed + chunk * (stages * in_bytes + outs * out_bytes) <= io.SMEM_BYTES
         width = chunk * (io.BT // tile_tokens)  # columns of C per step
         if c % 32 == 0 and c % width == 0 and fits:
             span = io.span_columns(t, c, width, tile_tokens)
             return Plan(chunk, span, stages, outs, tile_tokens)
     raise UnsupportedInput(
         f"{name}: C={c} with {in_bytes + out_bytes} bytes of tiles per column: the Mosaic GPU "
-        f"kernels need C a multiple of 32 and one 32-column step within {SMEM_BYTES} bytes "
+        f"kernels need C a multiple of 32 and one 32-column step within {io.SMEM_BYTES} bytes "
         "of shared memory; use impl='xla' or the Triton kernels"
     )
 

@@ -32,7 +32,6 @@ F32 = jnp.float32
 CHUNK = 32  # columns per step: 5n + 2 tiles a stage fit twice at n = 4
 STAGES = 2
 OUTS = 2  # dx/df tile sets being stored while the next are built
-SMEM_BYTES = 224 * 1024
 # dy's lanes (wgmma's K): its (64, kd) tiles must share the 64-byte swizzle of phi^T's
 # (kd, CHUNK) ones, so kd = 32 16-bit lanes (n <= 4; kp = 64 from n = 5 on)
 DY_LANES = 32
@@ -53,10 +52,10 @@ def check(n: int, c: int, kd: int, dtype) -> None:
             f"dy: needs 16-bit streams, C a multiple of {CHUNK} and at most {DY_LANES} lanes "
             "(n <= 4); the two ops' backward kernels run instead"
         )
-    if (need := _smem_bytes(n, kd, 2)) > SMEM_BYTES:
+    if (need := _smem_bytes(n, kd, 2)) > io.SMEM_BYTES:
         raise UnsupportedInput(
             f"transition backward (fused): n={n} needs {need} bytes of shared memory, over "
-            f"{SMEM_BYTES}; the two ops' backward kernels run instead"
+            f"{io.SMEM_BYTES}; the two ops' backward kernels run instead"
         )
 
 
